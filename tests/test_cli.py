@@ -1,0 +1,28 @@
+"""The command line and the quick-start run write what they promise."""
+
+import csv
+import json
+
+from hybrid_twin.cli import main
+
+
+def test_models_lists_every_model(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    for name in ("BergmanMinimal", "OneCompartment", "TwoCompartment"):
+        assert name in text
+    assert "Fisher (1991)" in text and "mg/dL" in text
+
+
+def test_simulate_writes_a_complete_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", "--n", "4", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_patients"] == 4 and summary["failed_patients"] == 0
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 * 289
+    glucose = [float(r["PRED"]) for r in rows]
+    assert 20 < min(glucose) and max(glucose) < 600
+    assert (out / "params.csv").read_text().startswith("ID,p1,p2,p3")
