@@ -198,16 +198,17 @@ def _solve_one(
         jnp.zeros((ev_t.shape[0] - is_bolus.shape[0],), dtype)]).astype(dtype)
     ev_state = jnp.concatenate(
         [d_state, jnp.zeros((ev_t.shape[0] - d_state.shape[0],), jnp.int32)])
+    dose_like = jnp.sort(ev_t[:n_dose_ev])
     order = jnp.lexsort((ev_rank, ev_t))
     ev_t, ev_rank = ev_t[order], ev_rank[order]
     ev_jump, ev_state = ev_jump[order], ev_state[order]
     bounds = jnp.concatenate([t0[None], ev_t, t_end[None]])
     n_seg = ev_t.shape[0] + 1
-    # Segment of observation j: the number of events ordered before it.
-    obs_rank = 2.0 * jnp.arange(m)
-    before = (ev_t[None, :] < ts[:, None]) | (
-        (ev_t[None, :] == ts[:, None]) & (ev_rank[None, :] < obs_rank[:, None]))
-    seg_of_save = jnp.sum(before, axis=1).astype(jnp.int32)
+    # Segment of observation j = the number of events ordered before it: the dose-like
+    # events strictly earlier, plus the save marks placed after observations i < j.
+    n_marks = jnp.sum(save_mask[mark_idx + 1])
+    marks_before = jnp.minimum(jnp.arange(m) // chunk, n_marks)
+    seg_of_save = (jnp.searchsorted(dose_like, ts, side="left") + marks_before).astype(jnp.int32)
     seg_sorted = jnp.where(save_mask, seg_of_save, n_seg)
 
     # Inputs: valid breakpoints; padded ones repeat the last valid one.
