@@ -1,0 +1,127 @@
+"""`Cohort`: many patients' observations, doses and covariates as padded arrays + masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..schedule import Schedule
+
+
+class Cohort(eqx.Module):
+    """Observations, schedules and covariates of N patients, ready for `simulate`.
+
+    Attributes (N patients, M observation slots, C covariates; times in the model's unit):
+        obs_times: (N, M) observation times, non-decreasing over the real slots.
+        obs_values: (N, M) observed values (NaN where missing or padding).
+        obs_index: (N, M) int index into `observable_names`.
+        obs_mask: (N, M) True for real observation records (padding is False and only
+            at the end of a row).
+        obs_missing: (N, M) True for records whose value is missing (MDV = 1): they are
+            prediction times but carry no data.
+        schedule: batched `Schedule` (doses and inputs).
+        covariates: (N, C) covariate values, constant per patient.
+        ids: patient identifiers (strings), length N.
+        observable_names, covariate_names: names for the index columns.
+    """
+
+    obs_times: jax.Array
+    obs_values: jax.Array
+    obs_index: jax.Array
+    obs_mask: jax.Array
+    obs_missing: jax.Array
+    schedule: Schedule
+    covariates: jax.Array
+    ids: tuple[str, ...] = eqx.field(static=True)
+    observable_names: tuple[str, ...] = eqx.field(static=True)
+    covariate_names: tuple[str, ...] = eqx.field(static=True, default=())
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.ids)
+
+    @property
+    def data_mask(self) -> jax.Array:
+        """(N, M) True where a real observation has a value to fit."""
+        return self.obs_mask & ~self.obs_missing
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> Cohort:
+        """The sub-cohort of the given patient indices (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < -self.n_patients or idx.max() >= self.n_patients):
+            raise IndexError(
+                f"patient index out of range for a cohort of {self.n_patients} patients")
+        arrays = jax.tree.map(lambda x: x[idx], (
+            self.obs_times, self.obs_values, self.obs_index, self.obs_mask,
+            self.obs_missing, self.schedule, self.covariates))
+        return Cohort(*arrays, ids=tuple(self.ids[i] for i in idx),
+                      observable_names=self.observable_names,
+                      covariate_names=self.covariate_names)
+
+    def split(self, fractions: dict[str, float], seed: int = 0) -> dict[str, Cohort]:
+        """Split by patient into named parts, e.g. {"train": .7, "val": .15, "test": .15}.
+
+        Patients are shuffled with `seed`; fractions must sum to 1. Each patient lands
+        in exactly one part.
+        """
+        total = sum(fractions.values())
+        if not np.isclose(total, 1.0) or any(f < 0 for f in fractions.values()):
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        perm = np.random.default_rng(seed).permutation(self.n_patients)
+        bounds = np.round(np.cumsum([0.0, *fractions.values()]) * self.n_patients).astype(int)
+        return {name: self.select(np.sort(perm[bounds[i]:bounds[i + 1]]))
+                for i, name in enumerate(fractions)}
+
+    @staticmethod
+    def concatenate(cohorts: Sequence[Cohort]) -> Cohort:
+        """Join cohorts of the same observables and covariates, padding slot counts."""
+        if not cohorts:
+            raise ValueError("Cohort.concatenate needs at least one cohort")
+        first = cohorts[0]
+        for c in cohorts[1:]:
+            if (c.observable_names, c.covariate_names) != (
+                    first.observable_names, first.covariate_names):
+                raise ValueError("cannot concatenate cohorts with different observables "
+                                 "or covariates")
+        ids = sum((c.ids for c in cohorts), ())
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"patient id {dup!r} appears in more than one cohort")
+        m = max(c.obs_times.shape[1] for c in cohorts)
+        d = max(c.schedule.dose_times.shape[1] for c in cohorts)
+        k = max(c.schedule.input_times.shape[1] for c in cohorts)
+
+        def pad(x, n, fill=0):
+            widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+            return jnp.pad(x, widths, constant_values=fill)
+
+        def cat(get, n, fill=0):
+            return jnp.concatenate([pad(get(c), n, fill) for c in cohorts])
+
+        s = [c.schedule for c in cohorts]
+        schedule = Schedule(
+            dose_times=jnp.concatenate([pad(x.dose_times, d) for x in s]),
+            dose_amounts=jnp.concatenate([pad(x.dose_amounts, d) for x in s]),
+            dose_rates=jnp.concatenate([pad(x.dose_rates, d) for x in s]),
+            dose_targets=jnp.concatenate([pad(x.dose_targets, d) for x in s]),
+            dose_mask=jnp.concatenate([pad(x.dose_mask, d) for x in s]),
+            input_times=jnp.concatenate([pad(x.input_times, k) for x in s]),
+            input_values=jnp.concatenate([pad(x.input_values, k) for x in s]),
+            input_mask=jnp.concatenate([pad(x.input_mask, k) for x in s]),
+            interpolation=first.schedule.interpolation,
+        )
+        return Cohort(
+            obs_times=cat(lambda c: c.obs_times, m),
+            obs_values=cat(lambda c: c.obs_values, m, np.nan),
+            obs_index=cat(lambda c: c.obs_index, m),
+            obs_mask=cat(lambda c: c.obs_mask, m, False),
+            obs_missing=cat(lambda c: c.obs_missing, m, False),
+            schedule=schedule,
+            covariates=jnp.concatenate([c.covariates for c in cohorts]),
+            ids=ids, observable_names=first.observable_names,
+            covariate_names=first.covariate_names,
+        )
