@@ -15,6 +15,19 @@ from .models.base import MechanisticModel
 INTERPOLATIONS = ("constant", "linear")
 
 
+def bad_padded_times(
+    times: np.ndarray, mask: np.ndarray, *, strict: bool, t0: float = -np.inf
+) -> np.ndarray:
+    """Per row of padded `(N, K)` times: True where the real entries are non-finite,
+    below `t0`, not (strictly, if `strict`) increasing, or padding precedes a real entry."""
+    both = mask[:, 1:] & mask[:, :-1]
+    step = np.diff(times, axis=1)
+    bad = (mask & (~np.isfinite(times) | (times < t0))).any(axis=1)
+    bad |= (both & ((step <= 0) if strict else (step < 0))).any(axis=1)
+    bad |= (mask[:, 1:] & ~mask[:, :-1]).any(axis=1)
+    return bad
+
+
 class Schedule(eqx.Module):
     """One patient's doses and exogenous inputs, or a batch of them (leading axis N).
 
@@ -202,10 +215,7 @@ class Schedule(eqx.Module):
                 f"schedule: input_values has {in_values.shape[-1]} channels; "
                 f"{type(model).__name__} has {len(model.inputs)} ({model.input_names})"
             )
-        both = in_mask[:, 1:] & in_mask[:, :-1]
-        bad = (in_mask & ~np.isfinite(in_times)).any(axis=1)
-        bad |= (both & (np.diff(in_times, axis=1) <= 0)).any(axis=1)
-        bad |= (in_mask[:, 1:] & ~in_mask[:, :-1]).any(axis=1)
+        bad = bad_padded_times(in_times, in_mask, strict=True)
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .models.base import MechanisticModel, as_components
-from .schedule import Schedule
+from .schedule import Schedule, bad_padded_times
 
 METHODS = ("tsit5", "dopri5", "kvaerno5")
 ADJOINTS = ("checkpoint", "forward")
@@ -385,10 +385,7 @@ def simulate(
     if not isinstance(save_ts, jax.core.Tracer) and not isinstance(save_mask, jax.core.Tracer):
         ts_np = np.atleast_2d(np.asarray(save_ts, np.float64))
         mask_np = np.atleast_2d(np.asarray(save_mask))
-        both = mask_np[:, 1:] & mask_np[:, :-1]
-        bad = (mask_np & (~np.isfinite(ts_np) | (ts_np < t0))).any(axis=1)
-        bad |= (both & (np.diff(ts_np, axis=1) < 0)).any(axis=1)
-        bad |= (mask_np[:, 1:] & ~mask_np[:, :-1]).any(axis=1)
+        bad = bad_padded_times(ts_np, mask_np, strict=False, t0=t0)
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(

@@ -80,7 +80,6 @@ def read_event_table(
                                      f"(header: {', '.join(names)})"])
     cov_cols = [(i, n) for i, n in enumerate(names) if n.upper() not in STANDARD and n]
     n_obs_names = len(model.observables)
-    n_targets = len(model.dose_targets)
     target_by_name = {d.name: j for j, d in enumerate(model.dose_targets)}
     for j, d in enumerate(model.dose_targets):
         target_by_name.setdefault(d.state, j)
@@ -164,18 +163,10 @@ def read_event_table(
                                     f"({a:g} at line {p['cov_line']}, {b:g} here); covariates "
                                     "must be constant per patient")
         if evid == 0.0:
-            obs_name = cell(row, "OBS")
-            if obs_name in MISSING:
-                if n_obs_names != 1:
-                    problems.append(f"{path}:{line}: OBS is empty; {type(model).__name__} has "
-                                    f"{n_obs_names} observables ({', '.join(model.observable_names)})")
-                    continue
-                k = 0
-            elif obs_name in model.observable_names:
-                k = model.observable_names.index(obs_name)
-            else:
-                problems.append(f"{path}:{line}: OBS {obs_name!r} is not an observable of "
-                                f"{type(model).__name__} ({', '.join(model.observable_names)})")
+            k = _resolve(cell(row, "OBS"), "OBS", "observable",
+                         dict(zip(model.observable_names, range(n_obs_names))), model)
+            if isinstance(k, str):
+                problems.append(f"{path}:{line}: {k}")
                 continue
             mdv = values.get("MDV") or 0.0
             dv = values.get("DV")
@@ -194,23 +185,28 @@ def read_event_table(
             if rate < 0:
                 problems.append(f"{path}:{line}: RATE {rate:g} is negative")
                 continue
-            cmt = cell(row, "CMT")
-            if cmt in MISSING:
-                if n_targets != 1:
-                    problems.append(f"{path}:{line}: CMT is empty; {type(model).__name__} has "
-                                    f"dose targets {', '.join(model.dose_target_names)}")
-                    continue
-                j = 0
-            elif cmt in target_by_name:
-                j = target_by_name[cmt]
-            else:
-                problems.append(f"{path}:{line}: CMT {cmt!r} is not a dose target of "
-                                f"{type(model).__name__} ({', '.join(model.dose_target_names)})")
+            j = _resolve(cell(row, "CMT"), "CMT", "dose target", target_by_name, model)
+            if isinstance(j, str):
+                problems.append(f"{path}:{line}: {j}")
                 continue
             p["doses"].append((t, amt, rate, j))
     if problems:
         raise EventTableError(path, problems)
     return _to_cohort(patients, model, [n for _, n in cov_cols], dtype)
+
+
+def _resolve(name: str, column: str, kind: str, known: dict[str, int],
+             model: MechanisticModel) -> int | str:
+    """Index of `name` among `known`, or the reason it cannot be resolved."""
+    valid = ", ".join(dict.fromkeys(known))
+    if name in MISSING:
+        if len(set(known.values())) == 1:
+            return 0
+        return f"{column} is empty; {type(model).__name__} has {kind}s {valid}"
+    if name in known:
+        return known[name]
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{column} {name!r} is not {article} {kind} of {type(model).__name__} ({valid})"
 
 
 def _to_cohort(patients, model, cov_names, dtype) -> Cohort:

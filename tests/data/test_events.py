@@ -93,7 +93,7 @@ def test_every_bad_row_is_reported(tmp_path):
 
 def test_obs_required_with_several_observables(tmp_path):
     text = "ID,TIME,EVID,DV\n1,0,0,90\n"
-    with pytest.raises(EventTableError, match="OBS is empty.*glucose, insulin"):
+    with pytest.raises(EventTableError, match="OBS is empty; BergmanMinimal has observables glucose, insulin"):
         read_event_table(write(tmp_path, text), BergmanMinimal())
 
 
