@@ -34,6 +34,7 @@ from .schedule import Schedule, bad_padded_times
 
 METHODS = ("tsit5", "dopri5", "kvaerno5")
 ADJOINTS = ("checkpoint", "forward")
+BACKENDS = ("diffrax", "ensemble")
 
 
 class Status(enum.IntEnum):
@@ -62,6 +63,10 @@ class SolverOptions(eqx.Module):
         save_chunk: the solve is also split after every `save_chunk` observations, so
             that each `diffeqsolve` saves at most that many points (saving cost grows
             with the square of the points saved per solve under `vmap`).
+        backend: "diffrax" (`vmap` of `diffeqsolve`: every solver, forward and reverse
+            mode) or "ensemble" (one batch-native adaptive Tsit5/Dopri5 loop that steps
+            exactly onto every event and observation; forward-mode autodiff only;
+            `max_steps` is then the per-patient total). See `hybrid_twin/_ensemble.py`.
     """
 
     method: str = eqx.field(static=True, default="tsit5")
@@ -71,6 +76,7 @@ class SolverOptions(eqx.Module):
     max_steps: int = eqx.field(static=True, default=4096)
     adjoint: str = eqx.field(static=True, default="checkpoint")
     save_chunk: int = eqx.field(static=True, default=16)
+    backend: str = eqx.field(static=True, default="diffrax")
 
     def __check_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,6 +93,12 @@ class SolverOptions(eqx.Module):
             raise ValueError("SolverOptions.max_steps must be >= 1")
         if self.save_chunk < 1:
             raise ValueError("SolverOptions.save_chunk must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"SolverOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "ensemble" and self.method == "kvaerno5":
+            raise ValueError("SolverOptions: the ensemble backend runs explicit methods only "
+                             "(tsit5, dopri5); use backend='diffrax' for kvaerno5")
 
     def solver(self) -> diffrax.AbstractSolver:
         return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5,
@@ -302,6 +314,21 @@ def _solve_one(
 
 @eqx.filter_jit
 def _simulate_compiled(model, params, schedule, save_ts, save_mask, t0, opts, has_inf):
+    if opts.backend == "ensemble":
+        from ._ensemble import solve_ensemble
+
+        single = params.ndim == 1
+        theta = params[None] if single else params
+        n = theta.shape[0]
+        if schedule.dose_times.ndim == 1:
+            schedule = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), schedule)
+        if save_ts.ndim == 1:
+            save_ts = jnp.broadcast_to(save_ts, (n,) + save_ts.shape)
+            save_mask = jnp.broadcast_to(save_mask, (n,) + save_mask.shape)
+        ts, ys, status, steps = solve_ensemble(
+            model, theta, schedule, save_ts, save_mask, t0, opts, has_inf)
+        sol = Solution(ts=ts, ys=ys, mask=save_mask, status=status, num_steps=steps)
+        return jax.tree.map(lambda x: x[0], sol) if single else sol
     if params.ndim == 1:
         return _solve_one(model, params, schedule, save_ts, save_mask, t0, opts, has_inf)
     sched_axes = 0 if schedule.dose_times.ndim == 2 else None

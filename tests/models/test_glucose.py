@@ -1,6 +1,7 @@
 """BergmanMinimal against scipy's solve_ivp on the same equations, written out here."""
 
 import numpy as np
+import pytest
 from scipy.integrate import solve_ivp
 
 from hybrid_twin import Schedule, SolverOptions, simulate
@@ -40,13 +41,14 @@ def scipy_reference(theta, ts, carb_rate=None):
     return out
 
 
-def test_bergman_matches_scipy():
+@pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
+def test_bergman_matches_scipy(backend):
     model = BergmanMinimal()
     theta = model.typical_params(p3=6e-5, Gb=95.0)
     doses = [(t, a, "meal") for t, a in MEALS] + [(t, a, "insulin") for t, a in INSULIN]
     ts = np.arange(0.0, 1441.0, 5.0)
     sol = simulate(model, theta, Schedule.build(model, doses), ts,
-                   options=SolverOptions(rtol=1e-9, atol=1e-10))
+                   options=SolverOptions(rtol=1e-9, atol=1e-10, backend=backend))
     ref = scipy_reference(theta, ts)
     ys = np.asarray(sol.ys)
     glucose = np.asarray(sol.observables(model, theta))[:, 0]
@@ -57,7 +59,8 @@ def test_bergman_matches_scipy():
     assert ref[:, 0].max() > 1.3 * theta[4]
 
 
-def test_bergman_carb_rate_input_matches_scipy():
+@pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
+def test_bergman_carb_rate_input_matches_scipy(backend):
     """A meal eaten over 15 minutes as a piecewise-constant carb_rate input."""
     model = BergmanMinimal()
     theta = model.typical_params()
@@ -65,7 +68,7 @@ def test_bergman_carb_rate_input_matches_scipy():
         model, [(t, a, "insulin") for t, a in INSULIN] + [(t, a, "meal") for t, a in MEALS[1:]],
         inputs=[(420.0, [4.0]), (435.0, [0.0])])
     ts = np.arange(0.0, 1441.0, 5.0)
-    sol = simulate(model, theta, sched, ts, options=SolverOptions(rtol=1e-9, atol=1e-10))
+    sol = simulate(model, theta, sched, ts, options=SolverOptions(rtol=1e-9, atol=1e-10, backend=backend))
     old = MEALS[:]
     try:
         MEALS[:] = MEALS[1:]
