@@ -33,6 +33,89 @@ class CohortFileError(ValueError):
     """An HDF5 file that is not a readable hybrid_twin cohort of this schema version."""
 
 
+class CohortH5Writer:
+    """Write a cohort file chunk by chunk, atomically.
+
+        with CohortH5Writer(path, time_unit="h") as w:
+            for part in parts:          # Cohorts with the same padded widths
+                w.append(part)
+
+    Datasets grow along the patient axis; the file appears at `path` only when the
+    `with` block ends without an error (temporary file, then rename), so an interrupted
+    write leaves any previous file at `path` untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, observable_units: tuple[str, ...] = (),
+                 time_unit: str = "", chunk_patients: int = 4096, compression_level: int = 4):
+        self.path = Path(path)
+        self.observable_units = tuple(observable_units)
+        self.time_unit = time_unit
+        self.chunk_patients = chunk_patients
+        self.level = compression_level
+        self._file: h5py.File | None = None
+        self._tmp: str | None = None
+        self._first: Cohort | None = None
+        self.n_patients = 0
+
+    def __enter__(self) -> CohortH5Writer:
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                         suffix=".tmp")
+        os.close(fd)
+        self._file = h5py.File(self._tmp, "w")
+        return self
+
+    def append(self, cohort: Cohort) -> None:
+        """Append the patients of `cohort` (same observables, covariates and widths)."""
+        f = self._file
+        if f is None:
+            raise RuntimeError("CohortH5Writer.append outside its `with` block")
+        if self._first is None:
+            self._first = cohort
+            _write_header(f, cohort, self.observable_units, self.time_unit)
+        elif (cohort.observable_names, cohort.covariate_names, cohort.obs_times.shape[1:],
+              cohort.schedule.dose_times.shape[1:], cohort.schedule.input_times.shape[1:],
+              cohort.schedule.interpolation) != (
+                self._first.observable_names, self._first.covariate_names,
+                self._first.obs_times.shape[1:], self._first.schedule.dose_times.shape[1:],
+                self._first.schedule.input_times.shape[1:],
+                self._first.schedule.interpolation):
+            raise ValueError(f"{self.path}: appended cohort differs from the first one in "
+                             "observables, covariates, padded widths or interpolation")
+        n0, n = self.n_patients, cohort.n_patients
+        items = [(name, getattr(cohort, name)) for name in ARRAYS]
+        items += [(f"schedule/{name}", getattr(cohort.schedule, name))
+                  for name in SCHEDULE_ARRAYS]
+        items.append(("ids", np.array(cohort.ids, dtype=object)))
+        for name, value in items:
+            value = np.asarray(value)
+            if name not in f:
+                row = value.shape[1:]
+                kw = {"dtype": h5py.string_dtype("utf-8") if name == "ids" else value.dtype}
+                if name != "ids" and all(row):
+                    kw.update(compression="gzip", compression_opts=self.level, fletcher32=True)
+                f.create_dataset(name, shape=(0,) + row,
+                                 maxshape=(None,) + tuple(d if d else None for d in row),
+                                 chunks=(self.chunk_patients,) + tuple(max(1, d) for d in row),
+                                 **kw)
+            ds = f[name]
+            ds.resize(n0 + n, axis=0)
+            ds[n0:n0 + n] = value
+        self.n_patients = n0 + n
+        f.attrs["n_patients"] = self.n_patients
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._file is not None and self._tmp is not None
+        try:
+            self._file.close()
+            if exc_type is None:
+                if self._first is None:
+                    raise ValueError(f"{self.path}: no patients were written")
+                os.replace(self._tmp, self.path)
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+
 def write_cohort_h5(
     cohort: Cohort,
     path: str | os.PathLike,
@@ -46,44 +129,21 @@ def write_cohort_h5(
 
     An interrupted write leaves any previous file at `path` untouched.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_into(f, cohort, observable_units, time_unit, chunk_patients,
-                        compression_level)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with CohortH5Writer(path, observable_units=observable_units, time_unit=time_unit,
+                        chunk_patients=chunk_patients,
+                        compression_level=compression_level) as w:
+        w.append(cohort)
 
 
-def _write_into(f, cohort, observable_units, time_unit, chunk_patients, level):
-    n = cohort.n_patients
+def _write_header(f, cohort, observable_units, time_unit):
     f.attrs["format"] = FORMAT
     f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["n_patients"] = n
+    f.attrs["n_patients"] = 0
     f.attrs["observable_names"] = list(cohort.observable_names)
     f.attrs["observable_units"] = list(observable_units)
     f.attrs["covariate_names"] = list(cohort.covariate_names)
     f.attrs["time_unit"] = time_unit
     f.attrs["interpolation"] = cohort.schedule.interpolation
-
-    def put(name, value):
-        value = np.asarray(value)
-        chunks = (max(1, min(chunk_patients, n)),) + value.shape[1:] if n else None
-        f.create_dataset(name, data=value, chunks=chunks if value.size else None,
-                         compression="gzip" if value.size else None,
-                         compression_opts=level if value.size else None,
-                         fletcher32=bool(value.size))
-
-    for name in ARRAYS:
-        put(name, getattr(cohort, name))
-    for name in SCHEDULE_ARRAYS:
-        put(f"schedule/{name}", getattr(cohort.schedule, name))
-    f.create_dataset("ids", data=np.array(cohort.ids, dtype=h5py.string_dtype("utf-8")))
 
 
 def _open(path: str | os.PathLike) -> h5py.File:

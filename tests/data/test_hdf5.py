@@ -1,5 +1,6 @@
 """HDF5 cohort store: round trip, slices, streaming, atomic writes, bad files."""
 
+import dataclasses
 import os
 
 import h5py
@@ -60,11 +61,13 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, theo, monkeypatch):
     write_cohort_h5(theo.select(range(4)), path)
     before = path.read_bytes()
 
-    def half_written(f, cohort, *args):
-        f.create_dataset("obs_times", data=np.asarray(cohort.obs_times))
+    real_append = store.CohortH5Writer.append
+
+    def half_written(self, cohort):
+        real_append(self, cohort.select(range(2)))
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(store, "_write_into", half_written)
+    monkeypatch.setattr(store.CohortH5Writer, "append", half_written)
     with pytest.raises(KeyboardInterrupt):
         write_cohort_h5(theo, path)
     assert path.read_bytes() == before
@@ -104,3 +107,16 @@ def test_truncated_and_corrupted_files(tmp_path, theo):
         read_cohort_h5(text)
     with pytest.raises(FileNotFoundError, match="nope.h5"):
         read_cohort_h5(tmp_path / "nope.h5")
+
+
+def test_chunked_writer_appends(tmp_path, theo):
+    path = tmp_path / "grown.h5"
+    with store.CohortH5Writer(path, chunk_patients=3) as w:
+        w.append(theo.select(range(5)))
+        w.append(theo.select(range(5, 12)))
+    assert_same(read_cohort_h5(path), theo)
+    with pytest.raises(ValueError, match="differs from the first"):
+        with store.CohortH5Writer(tmp_path / "x.h5") as w:
+            w.append(theo)
+            w.append(dataclasses.replace(theo.select([0]), covariate_names=("AGE",)))
+    assert not (tmp_path / "x.h5").exists()
