@@ -83,8 +83,10 @@ def solve_ensemble(
     m = save_ts.shape[1]
     rows = jnp.arange(n)
     p = model.param_dict(theta)
+    # States are kept component-major, (S, N): each component is a contiguous vector of
+    # patients, and reductions over components are elementwise across patients.
     y0 = jnp.stack([jnp.broadcast_to(jnp.asarray(c, dtype), (n,))
-                    for c in model.initial_state(p)], axis=-1)
+                    for c in model.initial_state(p)], axis=0)
     ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
     ts = jnp.maximum(ts, t0)
     t_end = jnp.maximum(ts[:, -1], t0)
@@ -127,11 +129,11 @@ def solve_ensemble(
         if not has_inf:
             return 0.0
         active = is_inf & (sched.dose_times <= tq[:, None]) & (tq[:, None] < inf_stop)
-        return jnp.einsum("nd,nds->ns", jnp.where(active, inf_rate, 0), onehot)
+        return jnp.einsum("nd,nds->sn", jnp.where(active, inf_rate, 0), onehot)
 
     def field(tq, y, u, infusion):
-        dy = model.vector_field(tq, tuple(y[:, i] for i in range(s)), p, u)
-        return jnp.stack([jnp.broadcast_to(d, (n,)) for d in dy], axis=-1).astype(dtype) + infusion
+        dy = model.vector_field(tq, tuple(y[i] for i in range(s)), p, u)
+        return jnp.stack([jnp.broadcast_to(d, (n,)) for d in dy], axis=0).astype(dtype) + infusion
 
     tab = _tableau(opts.method)
     a_lower = [np.asarray(a) for a in tab.a_lower]
@@ -144,19 +146,19 @@ def solve_ensemble(
         u, infusion = (inputs_at(mid), infusion_at(mid))
         ks = [field(tq, y, inputs_at(tq) if linear else u, infusion)]
         for j, a in enumerate(a_lower):
-            yj = y + h[:, None] * sum(float(a[i]) * ks[i] for i in range(len(a)) if a[i] != 0)
+            yj = y + h * sum(float(a[i]) * ks[i] for i in range(len(a)) if a[i] != 0)
             tj = tq + float(c_nodes[j]) * h
             ks.append(field(tj, yj, inputs_at(tj) if linear else u, infusion))
-        y_new = y + h[:, None] * sum(float(b_sol[i]) * ks[i] for i in range(len(ks)) if b_sol[i] != 0)
-        err = h[:, None] * sum(float(b_err[i]) * ks[i] for i in range(len(ks)) if b_err[i] != 0)
+        y_new = y + h * sum(float(b_sol[i]) * ks[i] for i in range(len(ks)) if b_sol[i] != 0)
+        err = h * sum(float(b_err[i]) * ks[i] for i in range(len(ks)) if b_err[i] != 0)
         return y_new, err
 
     # Initial step: 1% of |y|/|f| in the scaled norm (whole horizon if at steady state).
     sc0 = opts.atol + opts.rtol * jnp.abs(y0)
     f0 = field(jnp.full((n,), t0, dtype), y0, inputs_at(jnp.full((n,), t0, dtype)),
                infusion_at(jnp.full((n,), t0, dtype)))
-    d0 = jnp.sqrt(jnp.mean((y0 / sc0) ** 2, axis=1))
-    d1 = jnp.sqrt(jnp.mean((f0 / sc0) ** 2, axis=1))
+    d0 = jnp.sqrt(jnp.mean((y0 / sc0) ** 2, axis=0))
+    d1 = jnp.sqrt(jnp.mean((f0 / sc0) ** 2, axis=0))
     span = jnp.maximum(t_end - t0, jnp.finfo(dtype).tiny)
     h0 = jnp.where(d1 > 1e-5, 0.01 * jnp.maximum(d0, 1e-5) / d1, span)
     h0 = jnp.clip(h0, 1e-8 * span, span)
@@ -181,8 +183,8 @@ def solve_ensemble(
         h_try = jnp.where(stepping, jnp.minimum(h, gap), 0.0)
         y_new, err = rk_step(t, y, jnp.where(stepping, h_try, 1.0))
         scale = opts.atol + opts.rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
-        en = jnp.sqrt(jnp.mean((err / scale) ** 2, axis=1))
-        finite = jnp.all(jnp.isfinite(y_new), axis=1) & jnp.isfinite(en)
+        en = jnp.sqrt(jnp.mean((err / scale) ** 2, axis=0))
+        finite = jnp.all(jnp.isfinite(y_new), axis=0) & jnp.isfinite(en)
         en = jnp.where(finite, en, jnp.inf)
         accept = stepping & (en <= 1.0)
         factor = jnp.clip(SAFETY * jnp.where(en > 0, en, 1e-10) ** err_exp,
@@ -194,15 +196,16 @@ def solve_ensemble(
             h_next = jnp.minimum(h_next, opts.dtmax)
         h = jnp.where(stepping, h_next, h)
         t = jnp.where(accept, jnp.where(clipped, t_ev, t + h_try), t)
-        y = jnp.where(accept[:, None], y_new, y)
+        y = jnp.where(accept[None], y_new, y)
         steps = steps + stepping.astype(jnp.int32)
         landed = active & (t >= t_ev)
         kind = ev_kind[rows, p_safe]
         write = landed & (kind == EV_OBS)
         j = ev_obs[rows, p_safe]
-        out = out.at[rows, j].set(jnp.where(write[:, None], y, out[rows, j]))
+        y_rows = y.T
+        out = out.at[rows, j].set(jnp.where(write[:, None], y_rows, out[rows, j]))
         jump = jnp.where(landed & (kind == EV_DOSE), ev_jump[rows, p_safe], 0)
-        y = y.at[rows, ev_state[rows, p_safe]].add(jump)
+        y = y.at[ev_state[rows, p_safe], rows].add(jump)
         ptr = ptr + landed.astype(jnp.int32)
         tiny = stepping & ~accept & (h < 1e-12 * jnp.maximum(jnp.abs(t), 1.0))
         status = jnp.where(active & (steps >= opts.max_steps), Status.MAX_STEPS, status)
