@@ -67,6 +67,8 @@ BAD = [
     ("ID,TIME,EVID,DV\n1,-1,0,3\n", r"events.csv:2: TIME -1 is negative"),
     ("ID,TIME,EVID,DV\n1,2,0,3\n1,1,0,3\n", r"events.csv:3: TIME 1 is before .*line 2"),
     ("ID,TIME,EVID,DV,AMT,CMT\n1,0,1,,,depot\n", r"events.csv:2: dose row \(EVID=1\) needs AMT"),
+    ("ID,TIME,EVID,DV,AMT,CMT\n1,0,1,,ten,depot\n", r"events.csv:2: AMT 'ten' is not a number"),
+    ("ID,TIME,EVID,DV,AMT,CMT\n1,0,1,,-inf,depot\n", r"events.csv:2: AMT is '-inf'"),
     ("ID,TIME,EVID,DV,OBS\n1,0,0,3,glucose\n", r"events.csv:2: OBS 'glucose' is not an observable"),
     ("ID,TIME,EVID,DV,AMT,CMT\n1,0,1,,5,gut\n", r"events.csv:2: CMT 'gut' is not a dose target.*depot, central"),
     ("ID,TIME,EVID,DV,WT\n1,0,0,3,70\n1,1,0,3,71\n", r"events.csv:3: covariate WT changes within ID 1"),
@@ -114,3 +116,27 @@ def test_split_and_concatenate(tmp_path):
     np.testing.assert_array_equal(joined.obs_values[k], parts["test"].obs_values[0])
     with pytest.raises(ValueError, match="appears in more than one"):
         Cohort.concatenate([parts["train"], parts["train"]])
+
+
+def test_interrupted_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    import csv as csv_module
+
+    model = OneCompartment()
+    cohort = read_event_table(write(tmp_path, GOOD), model)
+    out = tmp_path / "out.csv"
+    out.write_text("previous contents\n")
+
+    class Exploding:
+        def __init__(self, fh):
+            self.rows = 0
+
+        def writerow(self, row):
+            self.rows += 1
+            if self.rows > 3:
+                raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(csv_module, "writer", Exploding)
+    with pytest.raises(KeyboardInterrupt):
+        write_event_table(cohort, out, model)
+    assert out.read_text() == "previous contents\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv", "out.csv"]
