@@ -183,7 +183,9 @@ def solve_ensemble(
         h_try = jnp.where(stepping, jnp.minimum(h, gap), 0.0)
         y_new, err = rk_step(t, y, jnp.where(stepping, h_try, 1.0))
         scale = opts.atol + opts.rtol * jnp.maximum(jnp.abs(y), jnp.abs(y_new))
-        en = jnp.sqrt(jnp.mean((err / scale) ** 2, axis=0))
+        # Step-size control is not differentiated: sensitivities are those of the
+        # Runge-Kutta map at the chosen steps.
+        en = jax.lax.stop_gradient(jnp.sqrt(jnp.mean((err / scale) ** 2, axis=0)))
         finite = jnp.all(jnp.isfinite(y_new), axis=0) & jnp.isfinite(en)
         en = jnp.where(finite, en, jnp.inf)
         accept = stepping & (en <= 1.0)
@@ -203,7 +205,8 @@ def solve_ensemble(
         write = landed & (kind == EV_OBS)
         j = ev_obs[rows, p_safe]
         y_rows = y.T
-        out = out.at[rows, j].set(jnp.where(write[:, None], y_rows, out[rows, j]))
+        out = out.at[rows, j].set(jnp.where(write[:, None], y_rows, out[rows, j]),
+                                  unique_indices=True, indices_are_sorted=True)
         jump = jnp.where(landed & (kind == EV_DOSE), ev_jump[rows, p_safe], 0)
         y = y.at[ev_state[rows, p_safe], rows].add(jump)
         ptr = ptr + landed.astype(jnp.int32)
