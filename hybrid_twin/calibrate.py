@@ -9,8 +9,8 @@ For each patient i the free parameters, in their unconstrained space z (see
 Levenberg–Marquardt, for all patients at once: each iteration is one batched `simulate`
 and one forward-mode Jacobian (one `jax.jvp` per free parameter, batched over patients),
 then a damped Gauss–Newton step solved per patient. A patient whose trial step fails or
-increases its cost is simply not moved (its damping grows); one patient never stops the
-others. The Gauss–Newton Hessian at the optimum gives the Laplace approximation: per-patient
+increases its cost is simply not moved (its damping grows), and a converged patient is not
+moved again, so one patient's result does not depend on the others in its batch. The Gauss–Newton Hessian at the optimum gives the Laplace approximation: per-patient
 covariance, standard errors and correlations of the parameters, and prediction intervals
 by the delta method.
 
@@ -139,7 +139,7 @@ def _jacobian(fn: Callable, z: jax.Array):
 
 
 @eqx.filter_jit
-def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega):
+def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
     theta_fixed, schedule, ts, mask, obs_index, y, w_mask = data
 
     def res(zz):
@@ -160,7 +160,7 @@ def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega):
                                       w_mask, sd_frozen, z_pop, inv_omega)
     cost_try = 0.5 * jnp.sum(r_try * r_try, axis=1)
     ok = jnp.isfinite(cost_try) & (status == 0) & jnp.all(jnp.isfinite(z_try), axis=1)
-    accept = ok & (cost_try < cost)
+    accept = ok & (cost_try < cost) & ~frozen
     z_new = jnp.where(accept[:, None], z_try, z)
     lam_new = jnp.clip(jnp.where(accept, lam / 3.0, lam * 4.0), 1e-9, 1e9)
     rel = jnp.where(accept, (cost - cost_try) / jnp.maximum(cost, 1e-30), 0.0)
@@ -254,7 +254,7 @@ def calibrate(
                 f, _ = problem.predict(z, *data[:5])
                 sd_frozen = em.sd(f)
             z, lam, cost, rel, small, h = _lm_iteration(
-                problem, z, lam, data, sd_frozen, z_pop, inv_omega)
+                problem, z, lam, data, sd_frozen, z_pop, inv_omega, conv)
             conv = conv | ((rel > 0) & (rel < tol)) | small
             if progress:
                 progress(it + 1, int(jnp.sum(conv)), time.perf_counter() - t0)
