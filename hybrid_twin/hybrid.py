@@ -1,0 +1,279 @@
+"""Hybrid models: a mechanistic model plus small learned terms (equinox networks).
+
+Three kinds of learned term (DESIGN.md):
+
+1. `StateCorrection` — dy/dt = f(t, y, p, u) + g_phi(features) on all or selected states;
+2. `TermClosure` — a named flux of the mechanistic model is replaced by g_phi(features);
+3. `CovariateNetwork` — individual parameters theta_i = theta_pop * exp(h_phi(cov_i) + eta_i).
+
+`HybridModel` combines a mechanistic model with corrections and closures and presents the
+same interface as the mechanistic model (declaration, `initial_state`, `vector_field`), so
+`simulate`, calibration and I/O take it unchanged. With `learned=False` its vector field is
+the mechanistic model's, exactly; and a freshly built term starts at zero output (its last
+layer is zero-initialised), so training starts from the mechanism. `neural_ode` builds the
+pure neural ODE baseline over the same states, doses and observables.
+
+Features are named: a state name, an input channel, a parameter name, "time" (the model's
+time unit) or "sin_day"/"cos_day" (time of day; `day_length` in the model's unit). Every
+network has fixed input shifts/scales and an output scale, so it sees O(1) inputs and
+produces outputs in the state's unit per time unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .models.base import MechanisticModel
+
+TIME_FEATURES = ("time", "sin_day", "cos_day")
+
+
+class ScaledMLP(eqx.Module):
+    """`eqx.nn.MLP` with fixed input standardisation and output scale.
+
+    out = out_scale * mlp((x - in_shift) / in_scale); the last layer starts at zero.
+    Works on one feature vector `(F,)` or a batch `(..., F)`.
+    """
+
+    mlp: eqx.nn.MLP
+    in_shift: jax.Array
+    in_scale: jax.Array
+    out_scale: jax.Array
+
+    def __init__(self, in_size: int, out_size: int, *, width: int = 32, depth: int = 2,
+                 key: jax.Array, in_shift: Any = None, in_scale: Any = None,
+                 out_scale: Any = 1.0, activation=jax.nn.softplus):
+        mlp = eqx.nn.MLP(in_size, out_size, width, depth, activation=activation, key=key)
+        last = mlp.layers[-1]
+        last = eqx.tree_at(lambda l: (l.weight, l.bias), last,
+                           (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+        self.mlp = eqx.tree_at(lambda m: m.layers[-1], mlp, last)
+        self.in_shift = jnp.zeros(in_size) if in_shift is None else jnp.asarray(in_shift, float)
+        self.in_scale = jnp.ones(in_size) if in_scale is None else jnp.asarray(in_scale, float)
+        self.out_scale = jnp.broadcast_to(jnp.asarray(out_scale, float), (out_size,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shift = jax.lax.stop_gradient(self.in_shift)
+        scale = jax.lax.stop_gradient(self.in_scale)
+        out_scale = jax.lax.stop_gradient(self.out_scale)
+        z = (x - shift.astype(x.dtype)) / scale.astype(x.dtype)
+        if z.ndim == 1:
+            return out_scale.astype(x.dtype) * self.mlp(z)
+        flat = z.reshape(-1, z.shape[-1])
+        out = jax.vmap(self.mlp)(flat).reshape(z.shape[:-1] + (-1,))
+        return out_scale.astype(x.dtype) * out
+
+
+def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_length):
+    cols = []
+    for name in names:
+        if name in model.state_names:
+            cols.append(y[model.state_names.index(name)])
+        elif name in model.input_names:
+            cols.append(u[name])
+        elif name in model.param_names:
+            cols.append(p[name])
+        elif name == "time":
+            cols.append(t)
+        elif name == "sin_day":
+            cols.append(jnp.sin(2 * math.pi * t / day_length))
+        elif name == "cos_day":
+            cols.append(jnp.cos(2 * math.pi * t / day_length))
+        else:
+            raise KeyError(f"unknown feature {name!r}; use a state, input or parameter of "
+                           f"{type(model).__name__} or one of {TIME_FEATURES}")
+    shape = jnp.broadcast_shapes(*[jnp.shape(c) for c in cols])
+    return jnp.stack([jnp.broadcast_to(c, shape) for c in cols], axis=-1)
+
+
+class StateCorrection(eqx.Module):
+    """Adds g_phi(features) to dy/dt of `states` (names)."""
+
+    net: ScaledMLP
+    states: tuple[str, ...] = eqx.field(static=True)
+    features: tuple[str, ...] = eqx.field(static=True)
+
+
+class TermClosure(eqx.Module):
+    """Replaces the mechanistic flux `term` by g_phi(features)."""
+
+    net: ScaledMLP
+    term: str = eqx.field(static=True)
+    features: tuple[str, ...] = eqx.field(static=True)
+
+
+class CovariateNetwork(eqx.Module):
+    """log-scale offsets of `params` from covariates: theta = theta_pop * exp(h(cov))."""
+
+    net: ScaledMLP
+    params: tuple[str, ...] = eqx.field(static=True)
+    covariates: tuple[str, ...] = eqx.field(static=True)
+
+    def __call__(self, covariates: jax.Array) -> jax.Array:
+        """(N, C) covariates -> (N, len(params)) offsets in the unconstrained space."""
+        return self.net(covariates)
+
+    def apply(self, model: MechanisticModel, typical: jax.Array, covariates: jax.Array,
+              eta: jax.Array | None = None) -> jax.Array:
+        """Individual parameters (N, P) from typical values, covariates and random effects
+        `eta` (N, P, unconstrained space; default 0)."""
+        n = covariates.shape[0]
+        z = jnp.broadcast_to(model.to_unconstrained(jnp.asarray(typical)), (n, model.n_params))
+        idx = jnp.asarray([model.index("param", q) for q in self.params])
+        z = z.at[:, idx].add(self(covariates))
+        if eta is not None:
+            z = z + eta
+        return model.from_unconstrained(z)
+
+
+class HybridModel(MechanisticModel):
+    """A mechanistic model with learned corrections and closures; same interface."""
+
+    mechanistic: MechanisticModel
+    corrections: tuple[StateCorrection, ...] = ()
+    closures: tuple[TermClosure, ...] = ()
+    learned: bool = eqx.field(static=True, default=True)
+    use_mechanism: bool = eqx.field(static=True, default=True)
+    day_length: float = eqx.field(static=True, default=24.0)
+
+    def __check_init__(self):
+        names = set(self.mechanistic.state_names)
+        for c in self.corrections:
+            bad = set(c.states) - names
+            if bad:
+                raise KeyError(f"StateCorrection targets unknown states {sorted(bad)}; "
+                               f"states: {', '.join(self.mechanistic.state_names)}")
+
+    # the declaration is the mechanistic model's
+    @property
+    def states(self):
+        return self.mechanistic.states
+
+    @property
+    def parameters(self):
+        return self.mechanistic.parameters
+
+    @property
+    def observables(self):
+        return self.mechanistic.observables
+
+    @property
+    def dose_targets(self):
+        return self.mechanistic.dose_targets
+
+    @property
+    def inputs(self):
+        return self.mechanistic.inputs
+
+    @property
+    def time_unit(self):
+        return self.mechanistic.time_unit
+
+    @property
+    def reference(self):
+        return self.mechanistic.reference
+
+    def initial_state(self, p):
+        return self.mechanistic.initial_state(p)
+
+    def fluxes(self, t, y, p, u):
+        flux = dict(self.mechanistic.fluxes(t, y, p, u))
+        if self.learned:
+            for c in self.closures:
+                if c.term not in flux:
+                    raise KeyError(f"TermClosure replaces unknown term {c.term!r}; terms of "
+                                   f"{type(self.mechanistic).__name__}: {', '.join(flux)}")
+                x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
+                flux[c.term] = c.net(x)[..., 0]
+        return flux
+
+    def derivatives(self, y, p, u, flux):
+        return self.mechanistic.derivatives(y, p, u, flux)
+
+    def vector_field(self, t, y, p, u):
+        if self.use_mechanism:
+            dy = list(self.derivatives(y, p, u, self.fluxes(t, y, p, u)))
+        else:
+            dy = [0.0 * yi for yi in y]
+        if self.learned:
+            names = self.mechanistic.state_names
+            for c in self.corrections:
+                x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
+                g = c.net(x)
+                for k, s in enumerate(c.states):
+                    i = names.index(s)
+                    dy[i] = dy[i] + g[..., k]
+        return tuple(dy)
+
+    def switched_off(self) -> HybridModel:
+        """The same model with its learned part off: exactly the mechanistic model."""
+        return dataclasses.replace(self, learned=False)
+
+    def penalty(self) -> jax.Array:
+        """Sum of squared weights of the learned terms' layers (the size penalty)."""
+        mlps = [c.net.mlp for c in (*self.corrections, *self.closures)]
+        return sum((jnp.sum(layer.weight ** 2) for m in mlps for layer in m.layers),
+                   jnp.zeros(()))
+
+
+def _scales(model: MechanisticModel, names: Sequence[str],
+            scales: Mapping[str, tuple[float, float]] | None):
+    shift, scale = [], []
+    for n in names:
+        if scales and n in scales:
+            a, b = scales[n]
+        elif n in model.param_names:
+            a, b = model.parameter(n).typical, model.parameter(n).typical
+        else:
+            a, b = 0.0, 1.0
+        shift.append(a)
+        scale.append(b if b else 1.0)
+    return np.array(shift), np.array(scale)
+
+
+def state_correction(model: MechanisticModel, states: Sequence[str], features: Sequence[str],
+                     *, key: jax.Array, width: int = 32, depth: int = 2,
+                     feature_scales: Mapping[str, tuple[float, float]] | None = None,
+                     out_scale: float | Sequence[float] = 1.0) -> StateCorrection:
+    """A zero-initialised correction of dy/dt for `states` from `features`.
+
+    `feature_scales` maps a feature to (shift, scale) for standardisation (defaults:
+    parameters by their typical value, others unscaled); `out_scale` is the typical size
+    of the correction in state units per time unit.
+    """
+    shift, scale = _scales(model, features, feature_scales)
+    net = ScaledMLP(len(features), len(states), width=width, depth=depth, key=key,
+                    in_shift=shift, in_scale=scale, out_scale=out_scale)
+    return StateCorrection(net, tuple(states), tuple(features))
+
+
+def term_closure(model: MechanisticModel, term: str, features: Sequence[str], *,
+                 key: jax.Array, width: int = 32, depth: int = 2,
+                 feature_scales: Mapping[str, tuple[float, float]] | None = None,
+                 out_scale: float = 1.0) -> TermClosure:
+    """A zero-initialised network that replaces the flux `term` of `model`."""
+    shift, scale = _scales(model, features, feature_scales)
+    net = ScaledMLP(len(features), 1, width=width, depth=depth, key=key, in_shift=shift,
+                    in_scale=scale, out_scale=out_scale)
+    return TermClosure(net, term, tuple(features))
+
+
+def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, depth: int = 2,
+               features: Sequence[str] | None = None,
+               feature_scales: Mapping[str, tuple[float, float]] | None = None,
+               out_scale: float | Sequence[float] = 1.0, day_length: float = 24.0
+               ) -> HybridModel:
+    """The pure neural ODE baseline: dy/dt = g_phi(states, inputs) on `model`'s states,
+    with the same doses, inputs, initial state and observables, and no mechanism."""
+    features = tuple(features or (*model.state_names, *model.input_names))
+    corr = state_correction(model, model.state_names, features, key=key, width=width,
+                            depth=depth, feature_scales=feature_scales, out_scale=out_scale)
+    return HybridModel(model, (corr,), (), use_mechanism=False, day_length=day_length)

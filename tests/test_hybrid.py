@@ -1,0 +1,141 @@
+"""Hybrid models: learned part off equals the mechanism; closures and corrections act."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_twin import Schedule, SolverOptions, simulate
+from hybrid_twin.hybrid import (
+    CovariateNetwork,
+    HybridModel,
+    ScaledMLP,
+    neural_ode,
+    state_correction,
+    term_closure,
+)
+from hybrid_twin.models import BergmanMinimal, OneCompartment
+
+OPTS = SolverOptions(rtol=1e-10, atol=1e-12)
+
+
+def glucose_day(model):
+    sched = Schedule.build(model, [(120.0, 60.0, "meal"), (120.0, 1.0, "insulin")])
+    return sched, jnp.arange(0.0, 601.0, 10.0)
+
+
+def randomize(model, key, scale=0.3):
+    """Give every learned layer random non-zero weights."""
+    leaves, tree = jax.tree.flatten(eqx.filter(model, eqx.is_inexact_array))
+    keys = jax.random.split(key, len(leaves))
+    new = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    arrays = jax.tree.unflatten(tree, new)
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    merged = eqx.combine(arrays, static)
+    # keep the fixed scalings of the networks
+    return eqx.tree_at(lambda m: [c.net.out_scale for c in m.corrections]
+                       + [c.net.in_scale for c in m.corrections]
+                       + [c.net.in_shift for c in m.corrections], merged,
+                       [c.net.out_scale for c in model.corrections]
+                       + [c.net.in_scale for c in model.corrections]
+                       + [c.net.in_shift for c in model.corrections])
+
+
+@pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
+def test_learned_part_off_is_exactly_the_mechanism(backend):
+    mech = BergmanMinimal()
+    corr = state_correction(mech, ("G",), ("G", "X", "sin_day", "cos_day"),
+                            key=jax.random.PRNGKey(0), feature_scales={"G": (100.0, 50.0)})
+    hyb = randomize(HybridModel(mech, (corr,), day_length=1440.0), jax.random.PRNGKey(1))
+    theta = mech.typical_params()
+    sched, ts = glucose_day(mech)
+    opts = dataclasses.replace(OPTS, backend=backend)
+    ref = simulate(mech, theta, sched, ts, options=opts).ys
+    off = simulate(hyb.switched_off(), theta, sched, ts, options=opts).ys
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(ref))
+    on = simulate(hyb, theta, sched, ts, options=opts).ys
+    assert np.max(np.abs(np.asarray(on) - np.asarray(ref))) > 1e-3
+    # a fresh term outputs exactly zero; only the compiled program differs (rounding)
+    fresh = simulate(HybridModel(mech, (corr,)), theta, sched, ts, options=opts).ys
+    np.testing.assert_allclose(np.asarray(fresh), np.asarray(ref), rtol=1e-10, atol=1e-12)
+
+
+class ExactElimination(eqx.Module):
+    """A 'network' that computes the mechanistic elimination term exactly."""
+
+    def __call__(self, x):
+        central, cl, v = x[..., 0], x[..., 1], x[..., 2]
+        return (cl / v * central)[..., None]
+
+
+def test_closure_replaces_the_named_term():
+    mech = OneCompartment()
+    closure = term_closure(mech, "elimination", ("central", "CL", "V"), key=jax.random.PRNGKey(0))
+    exact = eqx.tree_at(lambda c: c.net, closure, ExactElimination())
+    theta = mech.typical_params()
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(0.0, 24.0, 25)
+    ref = simulate(mech, theta, sched, ts, options=OPTS).ys
+    same = simulate(HybridModel(mech, (), (exact,)), theta, sched, ts, options=OPTS).ys
+    np.testing.assert_allclose(np.asarray(same), np.asarray(ref), rtol=1e-12, atol=1e-12)
+    # a fresh (zero) closure removes elimination: the amount is conserved
+    none = simulate(HybridModel(mech, (), (closure,)), theta, sched, ts, options=OPTS).ys
+    np.testing.assert_allclose(np.asarray(none).sum(-1)[1:], 300.0, rtol=1e-9)
+    with pytest.raises(KeyError, match="unknown term 'clearance'.*absorption, elimination"):
+        bad = dataclasses.replace(closure, term="clearance")
+        simulate(HybridModel(mech, (), (bad,)), theta, sched, ts)
+
+
+def test_gradient_with_respect_to_network_weights():
+    mech = OneCompartment()
+    corr = state_correction(mech, ("central",), ("central", "time"), key=jax.random.PRNGKey(2),
+                            feature_scales={"central": (0.0, 100.0), "time": (12.0, 12.0)},
+                            out_scale=5.0)
+    hyb = randomize(HybridModel(mech, (corr,)), jax.random.PRNGKey(3), scale=0.5)
+    theta = jnp.asarray(mech.typical_params())
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(1.0, 24.0, 12)
+
+    def loss(model):
+        return jnp.sum(simulate(model, theta, sched, ts, options=OPTS).ys[:, 1] ** 2) * 1e-4
+
+    grads = eqx.filter_grad(loss)(hyb)
+    w = hyb.corrections[0].net.mlp.layers[0].weight
+    g = grads.corrections[0].net.mlp.layers[0].weight
+    h = 1e-6
+    for (i, j) in [(0, 0), (3, 1), (7, 0)]:
+        up = eqx.tree_at(lambda m: m.corrections[0].net.mlp.layers[0].weight, hyb,
+                         w.at[i, j].add(h))
+        dn = eqx.tree_at(lambda m: m.corrections[0].net.mlp.layers[0].weight, hyb,
+                         w.at[i, j].add(-h))
+        fd = (loss(up) - loss(dn)) / (2 * h)
+        np.testing.assert_allclose(float(g[i, j]), float(fd), rtol=1e-5, atol=1e-9)
+    assert float(hyb.penalty()) > 0
+
+
+def test_neural_ode_baseline_has_no_mechanism():
+    mech = OneCompartment()
+    node = neural_ode(mech, key=jax.random.PRNGKey(0))
+    theta = mech.typical_params()
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(0.0, 24.0, 7)
+    ys = np.asarray(simulate(node, theta, sched, ts, options=OPTS).ys)
+    # zero-initialised and no mechanism: the dose just sits in the depot
+    np.testing.assert_allclose(ys[1:, 0], 300.0)
+    np.testing.assert_allclose(ys[:, 1], 0.0)
+    assert node.observable_names == mech.observable_names
+
+
+def test_covariate_network_shifts_parameters():
+    mech = OneCompartment()
+    net = CovariateNetwork(ScaledMLP(1, 1, key=jax.random.PRNGKey(0),
+                                     in_shift=[70.0], in_scale=[10.0]), ("CL",), ("WT",))
+    wt = jnp.array([[50.0], [70.0], [90.0]])
+    theta = net.apply(mech, mech.typical_params(), wt)
+    np.testing.assert_allclose(np.asarray(theta), np.tile(mech.typical_params(), (3, 1)))
+    net2 = eqx.tree_at(lambda n: n.net.mlp.layers[-1].bias, net, jnp.array([0.1]))
+    theta2 = net2.apply(mech, mech.typical_params(), wt)
+    np.testing.assert_allclose(np.asarray(theta2[:, 1]), 2.75 * np.exp(0.1), rtol=1e-12)
