@@ -154,10 +154,12 @@ def solve_ensemble(
         return y_new, err
 
     # Initial step: 1% of |y|/|f| in the scaled norm (whole horizon if at steady state).
-    sc0 = opts.atol + opts.rtol * jnp.abs(y0)
-    f0 = field(jnp.full((n,), t0, dtype), y0, inputs_at(jnp.full((n,), t0, dtype)),
-               infusion_at(jnp.full((n,), t0, dtype)))
-    d0 = jnp.sqrt(jnp.mean((y0 / sc0) ** 2, axis=0))
+    y0_ng = jax.lax.stop_gradient(y0)
+    sc0 = opts.atol + opts.rtol * jnp.abs(y0_ng)
+    f0 = jax.lax.stop_gradient(field(jnp.full((n,), t0, dtype), y0_ng,
+                                     inputs_at(jnp.full((n,), t0, dtype)),
+                                     infusion_at(jnp.full((n,), t0, dtype))))
+    d0 = jnp.sqrt(jnp.mean((y0_ng / sc0) ** 2, axis=0))
     d1 = jnp.sqrt(jnp.mean((f0 / sc0) ** 2, axis=0))
     span = jnp.maximum(t_end - t0, jnp.finfo(dtype).tiny)
     h0 = jnp.where(d1 > 1e-5, 0.01 * jnp.maximum(d0, 1e-5) / d1, span)

@@ -78,7 +78,8 @@ class CalibrationResult(eqx.Module):
         se: (N, P) standard errors in natural units (delta method; 0 for fixed ones).
         corr: (N, F, F) correlation matrices.
         cost: (N,) final objective (1/2 sum of squared weighted residuals and prior).
-        converged: (N,) bool.
+        converged: (N,) bool; False also for a patient whose model or sensitivities
+            became non-finite (it is left at its last finite estimate).
         n_iter: iterations run.
         free: names of the free parameters.
         error_model: the (possibly re-estimated) error model.
@@ -147,6 +148,7 @@ def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
                                  sd_frozen, z_pop, inv_omega)[0]
 
     r, jac = _jacobian(res, z)
+    finite = jnp.all(jnp.isfinite(jac), axis=(1, 2)) & jnp.all(jnp.isfinite(r), axis=1)
     r = jnp.where(jnp.isfinite(r), r, 0.0)
     jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
     cost = 0.5 * jnp.sum(r * r, axis=1)
@@ -164,8 +166,8 @@ def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
     z_new = jnp.where(accept[:, None], z_try, z)
     lam_new = jnp.clip(jnp.where(accept, lam / 3.0, lam * 4.0), 1e-9, 1e9)
     rel = jnp.where(accept, (cost - cost_try) / jnp.maximum(cost, 1e-30), 0.0)
-    small_step = jnp.max(jnp.abs(step), axis=1) < 1e-8
-    return z_new, lam_new, jnp.where(accept, cost_try, cost), rel, small_step, h
+    small_step = (jnp.max(jnp.abs(step), axis=1) < 1e-8) & finite
+    return z_new, lam_new, jnp.where(accept, cost_try, cost), rel, small_step, h, finite
 
 
 def _prior(model, free_idx, typical, omega):
@@ -246,6 +248,7 @@ def calibrate(
         z, lam = z0, jnp.full((n,), 1e-3)
         sd_frozen = None
         conv = jnp.zeros((n,), bool)
+        failed = jnp.zeros((n,), bool)
         t0 = time.perf_counter()
         for it in range(max_iter):
             if em.kind == "additive":
@@ -253,12 +256,13 @@ def calibrate(
             else:
                 f, _ = problem.predict(z, *data[:5])
                 sd_frozen = em.sd(f)
-            z, lam, cost, rel, small, h = _lm_iteration(
-                problem, z, lam, data, sd_frozen, z_pop, inv_omega, conv)
-            conv = conv | ((rel > 0) & (rel < tol)) | small
+            z, lam, cost, rel, small, h, finite = _lm_iteration(
+                problem, z, lam, data, sd_frozen, z_pop, inv_omega, conv | failed)
+            failed = failed | ~finite
+            conv = (conv | ((rel > 0) & (rel < tol)) | small) & ~failed
             if progress:
                 progress(it + 1, int(jnp.sum(conv)), time.perf_counter() - t0)
-            if bool(jnp.all(conv)):
+            if bool(jnp.all(conv | failed)):
                 break
         return z, cost, conv, h, it + 1, sd_frozen
 
