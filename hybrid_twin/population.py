@@ -123,6 +123,7 @@ class TrainState(eqx.Module):
     best_val: jax.Array
     best_model: Any
     bad_epochs: jax.Array
+    error_sd: jax.Array
 
 
 def _atomic_bytes(path: Path, write) -> None:
@@ -152,6 +153,7 @@ def train_population(
     penalty_weight: float = 1e-3,
     patience: int = 10,
     val_every: int = 1,
+    val_condition_until: float | None = None,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     options=None,
@@ -167,8 +169,9 @@ def train_population(
     their free parameters (unconstrained space; typical values learned), and
     `penalty_weight` times the learned terms' squared weights.
     Optimiser: Adam (optax). Validation: the validation patients are calibrated (MAP) with
-    the current model and their weighted RMSE is the early-stopping criterion; the best
-    model is kept. With `checkpoint_dir`, the state is written atomically after every
+    the current model, on their data up to `val_condition_until` if given, and the
+    weighted RMSE of the rest of their data (a forecast; all of it if None) is the
+    early-stopping criterion; the best model is kept. With `checkpoint_dir`, the state is written atomically after every
     epoch and training resumes from it: an interrupted run, started again, reaches the
     same result as an uninterrupted one (mini-batches depend only on seed and epoch).
 
@@ -203,7 +206,8 @@ def train_population(
     state = TrainState(model=model, z=z0, typical_z=z_typ0, omega=omega0,
                        opt_state=optimizer.init(params0), epoch=jnp.array(0),
                        best_val=jnp.array(jnp.inf), best_model=model,
-                       bad_epochs=jnp.array(0))
+                       bad_epochs=jnp.array(0),
+                       error_sd=jnp.array([error_model.additive, error_model.proportional]))
     history: list[dict] = []
     ckpt = hist_path = None
     if checkpoint_dir is not None:
@@ -213,6 +217,9 @@ def train_population(
         if ckpt.exists():
             with open(ckpt, "rb") as fh:
                 state = eqx.tree_deserialise_leaves(fh, state)
+            error_model = dataclasses.replace(error_model,
+                                              additive=float(state.error_sd[0]),
+                                              proportional=float(state.error_sd[1]))
             if hist_path.exists():
                 history = json.loads(hist_path.read_text())[: int(state.epoch)]
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
@@ -271,16 +278,18 @@ def train_population(
         improved = True
         if val is not None and (epoch + 1) % val_every == 0:
             res = calibrate(new_model, val, free=free, error_model=dataclasses.replace(
-                error_model, estimate=False), max_iter=15,
+                error_model, estimate=False), max_iter=15, condition_until=val_condition_until,
                 typical=np.asarray(model.from_unconstrained(base.at[idx].set(trainable[2]))),
                 omega=np.asarray(jnp.zeros(model.n_params).at[idx].set(omega)))
-            val_rmse = _weighted_rmse(new_model, val, res.params, error_model)
+            val_rmse = _weighted_rmse(new_model, val, res.params, error_model,
+                                      after=val_condition_until)
             improved = val_rmse < float(state.best_val)
         best_val = jnp.array(val_rmse) if improved and val is not None else state.best_val
         state = TrainState(model=new_model, z=z_all, typical_z=trainable[2], omega=omega,
                            opt_state=opt_state, epoch=jnp.array(epoch + 1), best_val=best_val,
                            best_model=new_model if improved else state.best_model,
-                           bad_epochs=jnp.array(0 if improved else int(state.bad_epochs) + 1))
+                           bad_epochs=jnp.array(0 if improved else int(state.bad_epochs) + 1),
+                           error_sd=state.error_sd)
         history.append({"epoch": epoch + 1, "train_rmse_weighted": (2 * total / n_obs) ** 0.5,
                         "val_rmse_weighted": val_rmse, "seconds": time.perf_counter() - t0})
         if ckpt is not None:
@@ -291,13 +300,15 @@ def train_population(
     return state.best_model, state, history
 
 
-def _weighted_rmse(model, cohort, theta, error_model) -> float:
-    """sqrt(mean(((y - f) / sd)^2)) over a cohort's data."""
+def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None) -> float:
+    """sqrt(mean(((y - f) / sd)^2)) over a cohort's data (only TIME > `after` if given)."""
     from .simulate import simulate
 
     sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask)
     obs = sol.observables(model, theta)
     f = jnp.take_along_axis(obs, cohort.obs_index[..., None], axis=-1)[..., 0]
     w = np.asarray(cohort.data_mask)
+    if after is not None:
+        w = w & (np.asarray(cohort.obs_times) > after)
     r = (np.asarray(cohort.obs_values) - np.asarray(f)) / np.asarray(error_model.sd(f))
     return float(np.sqrt(np.mean(r[w] ** 2)))

@@ -1,0 +1,110 @@
+"""Population training: it fits, and a run killed mid-way resumes to the same result."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+
+from hybrid_twin.calibrate import ErrorModel
+from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
+from hybrid_twin.hybrid import HybridModel, state_correction
+from hybrid_twin.models import OneCompartment
+from hybrid_twin.population import train_population
+
+SETUP = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    from hybrid_twin.calibrate import ErrorModel
+    from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
+    from hybrid_twin.hybrid import HybridModel, state_correction
+    from hybrid_twin.models import OneCompartment
+    from hybrid_twin.population import train_population
+
+    def problem():
+        m = OneCompartment()
+        spec = ScheduleSpec(doses=(DoseSpec(0.0, 320.0, "depot"),),
+                            obs_times=(0.5, 1, 2, 4, 6, 8, 12, 24))
+        vc = virtual_cohort(m, 24, schedule=spec,
+                            noise=NoiseModel("proportional", proportional_sd=0.1), seed=0)
+        parts = vc.cohort.split({"train": 0.75, "val": 0.25}, seed=0)
+        corr = state_correction(m, ("central",), ("central",), key=jax.random.PRNGKey(0),
+                                feature_scales={"central": (0.0, 100.0)}, width=8, depth=1)
+        return HybridModel(m, (corr,)), parts
+
+    def train(ckpt, epochs, on_epoch_end=None):
+        model, parts = problem()
+        return train_population(model, parts["train"], parts["val"], free=("ka", "CL", "V"),
+                                error_model=ErrorModel("proportional", proportional=0.1),
+                                epochs=epochs, batch_size=8, checkpoint_dir=ckpt,
+                                on_epoch_end=on_epoch_end)
+""")
+
+
+def run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([sys.executable, "-c", SETUP + textwrap.dedent(code)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_killed_training_resumes_to_the_same_result(tmp_path):
+    killed = run_python(f"""
+        import os, signal
+        def die(epoch, record):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train({str(tmp_path / "a")!r}, 4, die)
+    """, tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    history = json.loads((tmp_path / "a" / "train_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    both = run_python(f"""
+        import json, numpy as np, equinox as eqx, jax
+        best_a, state_a, hist_a = train({str(tmp_path / "a")!r}, 4)
+        best_b, state_b, hist_b = train({str(tmp_path / "b")!r}, 4)
+        la = jax.tree.leaves(eqx.filter(state_a, eqx.is_inexact_array))
+        lb = jax.tree.leaves(eqx.filter(state_b, eqx.is_inexact_array))
+        diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(la, lb))
+        print(json.dumps({{"diff": diff, "epochs_a": [h["epoch"] for h in hist_a],
+                           "train_a": [h["train_rmse_weighted"] for h in hist_a],
+                           "train_b": [h["train_rmse_weighted"] for h in hist_b]}}))
+    """, tmp_path)
+    assert both.returncode == 0, both.stderr[-3000:]
+    out = json.loads(both.stdout.strip().splitlines()[-1])
+    assert out["epochs_a"] == [1, 2, 3, 4]
+    assert out["diff"] < 1e-10, out
+    np.testing.assert_allclose(out["train_a"], out["train_b"], rtol=1e-10)
+
+
+class Saturable(OneCompartment):
+    """One compartment with Michaelis-Menten elimination: CL falls as C rises."""
+
+    def fluxes(self, t, y, p, u):
+        flux = super().fluxes(t, y, p, u)
+        conc = y[1] / p["V"]
+        flux["elimination"] = p["CL"] * y[1] / p["V"] / (1.0 + conc / 4.0)
+        return flux
+
+
+def test_training_fits_a_missing_effect_and_keeps_the_best_model():
+    truth, m = Saturable(), OneCompartment()
+    spec = ScheduleSpec(doses=(DoseSpec(0.0, 320.0, "depot"),),
+                        obs_times=(0.5, 1, 2, 4, 6, 8, 12, 18, 24))
+    vc = virtual_cohort(truth, 24, schedule=spec,
+                        noise=NoiseModel("proportional", proportional_sd=0.05), seed=1)
+    parts = vc.cohort.split({"train": 0.75, "val": 0.25}, seed=0)
+    corr = state_correction(m, ("central",), ("central",), key=jax.random.PRNGKey(0),
+                            feature_scales={"central": (100.0, 100.0)}, width=8, depth=1,
+                            out_scale=10.0)
+    best, state, history = train_population(
+        HybridModel(m, (corr,)), parts["train"], parts["val"], free=("ka", "CL", "V"),
+        error_model=ErrorModel("proportional", proportional=0.05), epochs=8, batch_size=6,
+        learning_rate=2e-2, penalty_weight=1e-4, val_condition_until=4.0)
+    train_rmse = [h["train_rmse_weighted"] for h in history]
+    val = [h["val_rmse_weighted"] for h in history]
+    assert train_rmse[-1] < 0.8 * train_rmse[0], train_rmse
+    assert float(state.best_val) == min(val)
+    assert np.all(np.isfinite(val))
