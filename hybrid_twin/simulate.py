@@ -426,5 +426,56 @@ def simulate(
                               & (np.asarray(schedule.dose_rates) > 0)))
     schedule = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, schedule)
+    n_dev = jax.local_device_count()
+    if n is not None and n_dev > 1 and not isinstance(params, jax.core.Tracer):
+        return _simulate_sharded(model, params, schedule, save_ts, save_mask,
+                                 jnp.asarray(t0, dtype), options, has_inf, n_dev)
     return _simulate_compiled(model, params, schedule, save_ts, save_mask,
                               jnp.asarray(t0, dtype), options, has_inf)
+
+
+def _simulate_sharded(model, params, schedule, save_ts, save_mask, t0, options, has_inf,
+                      n_dev):
+    """Split the patient axis over all local devices (padding N to a multiple of them with
+    copies of the first patient); each device solves its own patients independently
+    (`jax.shard_map`), and the pad is dropped."""
+    from jax.sharding import Mesh
+
+    n = params.shape[0]
+    pad = (-n) % n_dev
+    mesh = Mesh(np.array(jax.local_devices()), ("patients",))
+
+    def padded(x):
+        x = jnp.asarray(x)
+        return jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x
+
+    sched_batched = schedule.dose_times.ndim == 2
+    ts_batched = save_ts.ndim == 2
+    if sched_batched:
+        schedule = jax.tree.map(padded, schedule)
+    if ts_batched:
+        save_ts, save_mask = padded(save_ts), padded(save_mask)
+    arrays, static = eqx.partition(model, eqx.is_array)
+    sol = _sharded_compiled(arrays, static, padded(params), schedule, save_ts, save_mask, t0,
+                            options, has_inf, mesh, sched_batched, ts_batched)
+    return jax.tree.map(lambda x: x[:n], sol)
+
+
+@eqx.filter_jit
+def _sharded_compiled(arrays, static, params, schedule, save_ts, save_mask, t0, options,
+                      has_inf, mesh, sched_batched, ts_batched):
+    from jax.sharding import PartitionSpec
+
+    rows, whole = PartitionSpec("patients"), PartitionSpec()
+    sched_spec = jax.tree.map(lambda _: rows if sched_batched else whole, schedule)
+    ts_spec = rows if ts_batched else whole
+    array_spec = jax.tree.map(lambda _: whole, arrays)
+
+    def local(arr, theta, sched, ts, mask, t_start):
+        model = eqx.combine(arr, static)
+        return _simulate_compiled(model, theta, sched, ts, mask, t_start, options, has_inf)
+
+    fn = jax.shard_map(local, mesh=mesh,
+                       in_specs=(array_spec, rows, sched_spec, ts_spec, ts_spec, whole),
+                       out_specs=rows, check_vma=False)
+    return fn(arrays, params, schedule, save_ts, save_mask, t0)
