@@ -19,7 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m hybrid_twin.quickstart --out runs/quickstart
+	$(VENV)/bin/hybrid-twin run configs/quickstart.yaml --out runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

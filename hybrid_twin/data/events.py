@@ -26,7 +26,7 @@ from ..schedule import Schedule
 from .cohort import Cohort
 
 STANDARD = ("ID", "TIME", "EVID", "DV", "OBS", "AMT", "RATE", "CMT", "MDV")
-REQUIRED = ("ID", "TIME", "EVID")
+REQUIRED = ("ID", "TIME")
 MISSING = ("", ".")
 MAX_REPORTED = 50
 
@@ -52,13 +52,17 @@ def _number(text: str) -> float | None:
 
 
 def read_event_table(
-    path: str | os.PathLike, model: MechanisticModel, *, dtype=None
+    path: str | os.PathLike, model: MechanisticModel, *, dtype=None,
+    ignore_columns: tuple[str, ...] = (),
 ) -> Cohort:
     """Read a CSV event table into a `Cohort` for `model`.
 
     OBS and CMT names are mapped onto `model.observables` and `model.dose_targets`
     (a CMT may also name the target's state). OBS may be omitted when the model has one
-    observable, CMT when it has one dose target.
+    observable, CMT when it has one dose target. Without an EVID column, rows with an AMT
+    are doses and the others observations, and (with no MDV column either) an observation
+    with an empty DV is a record without a value. `ignore_columns` are neither standard columns
+    nor covariates (e.g. the PRED columns of a run's predictions.csv).
     """
     path = str(path)
     dtype = dtype or jnp.result_type(float)
@@ -78,7 +82,8 @@ def read_event_table(
     if missing:
         raise EventTableError(path, [f"line 1: missing required column(s) {', '.join(missing)} "
                                      f"(header: {', '.join(names)})"])
-    cov_cols = [(i, n) for i, n in enumerate(names) if n.upper() not in STANDARD and n]
+    cov_cols = [(i, n) for i, n in enumerate(names)
+                if n.upper() not in STANDARD and n and n not in ignore_columns]
     n_obs_names = len(model.observables)
     target_by_name = {d.name: j for j, d in enumerate(model.dose_targets)}
     for j, d in enumerate(model.dose_targets):
@@ -126,6 +131,8 @@ def read_event_table(
             problems.append(f"{path}:{line}: " + "; ".join(bad))
             continue
         t, evid = values.get("TIME"), values.get("EVID")
+        if "EVID" not in canon:
+            evid = 1.0 if values.get("AMT") is not None else 0.0
         if t is None:
             problems.append(f"{path}:{line}: TIME is missing")
             continue
@@ -168,8 +175,10 @@ def read_event_table(
             if isinstance(k, str):
                 problems.append(f"{path}:{line}: {k}")
                 continue
-            mdv = values.get("MDV") or 0.0
             dv = values.get("DV")
+            mdv = values.get("MDV") or 0.0
+            if "MDV" not in canon and "EVID" not in canon and dv is None:
+                mdv = 1.0
             if mdv == 0.0 and dv is None:
                 problems.append(f"{path}:{line}: observation without DV (set MDV=1 for a "
                                 "record with no value)")

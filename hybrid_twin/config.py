@@ -1,0 +1,280 @@
+"""Experiment configs: YAML validated into typed dataclasses before any compute starts.
+
+    cfg = load_config("configs/quickstart.yaml", overrides=["data.virtual.n=50"])
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key path
+(and, for a mistyped key, the nearest valid one). `resolved(cfg)` gives the full config
+with defaults filled in, which every run saves as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the key path."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "glucose.BergmanMinimal"
+    free: list[str] | None = None
+
+
+@dataclasses.dataclass
+class DoseConfig:
+    time: float = 0.0
+    amount: float = 0.0
+    target: str = ""
+    rate: float = 0.0
+    time_jitter: float = 0.0
+    amount_cv: float = 0.0
+
+
+@dataclasses.dataclass
+class NoiseConfig:
+    kind: str = "additive"
+    additive_sd: float = 0.0
+    proportional_sd: float = 0.0
+
+
+@dataclasses.dataclass
+class VirtualConfig:
+    n: int = 100
+    seed: int = 0
+    doses: list[DoseConfig] = dataclasses.field(default_factory=list)
+    obs_every: float = 1.0
+    obs_start: float = 0.0
+    horizon: float = 24.0
+    observables: list[str] | None = None
+    noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "virtual"
+    path: str | None = None
+    virtual: VirtualConfig = dataclasses.field(default_factory=VirtualConfig)
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ErrorModelConfig:
+    kind: str = "additive"
+    additive: float = 1.0
+    proportional: float = 0.1
+    estimate: bool = True
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
+    backend: str = "ensemble"
+    rtol: float = 1e-8
+    atol: float = 1e-10
+    max_iter: int = 30
+    n_starts: int = 1
+
+
+@dataclasses.dataclass
+class PopulationConfig:
+    fit: bool = True
+    max_rounds: int = 10
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    condition_until: float | None = None
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["train", "val", "test"])
+    plot_patients: int = 6
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    dir: str = "runs/experiment"
+    plots: bool = True
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    error_model: ErrorModelConfig = dataclasses.field(default_factory=ErrorModelConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "gpu"),
+    "data.source": ("virtual", "csv", "hdf5"),
+    "data.virtual.noise.kind": ("additive", "proportional", "combined"),
+    "error_model.kind": ("additive", "proportional", "combined"),
+    "calibration.backend": ("diffrax", "ensemble"),
+}
+POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
+            "calibration.rtol", "calibration.atol", "calibration.max_iter",
+            "calibration.n_starts", "population.max_rounds")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict, path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown config key {full!r}{extra} "
+                              f"(valid here: {', '.join(names)})")
+        kwargs[key] = _convert(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    for path, choices in CHOICES.items():
+        value = _get(cfg, path)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+    for path in POSITIVE:
+        if not _get(cfg, path) > 0:
+            raise ConfigError(f"{path}: must be > 0, got {_get(cfg, path)!r}")
+    fr = (cfg.split.train, cfg.split.val, cfg.split.test)
+    if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-9:
+        raise ConfigError(f"split: train + val + test must be fractions summing to 1, got {fr}")
+    if cfg.data.source in ("csv", "hdf5"):
+        if not cfg.data.path:
+            raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
+        if not Path(cfg.data.path).exists():
+            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+    from .models import REGISTRY
+
+    if cfg.model.name not in REGISTRY:
+        hint = difflib.get_close_matches(cfg.model.name, REGISTRY, n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}{extra} "
+                          f"(available: {', '.join(REGISTRY)})")
+    model = REGISTRY[cfg.model.name]()
+    for i, name in enumerate(cfg.model.free or []):
+        if name not in model.param_names:
+            raise ConfigError(f"model.free[{i}]: {name!r} is not a parameter of "
+                              f"{cfg.model.name} ({', '.join(model.param_names)})")
+    for i, d in enumerate(cfg.data.virtual.doses):
+        if d.target not in model.dose_target_names:
+            raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
+                              f"target of {cfg.model.name} ({', '.join(model.dose_target_names)})")
+    for s in cfg.evaluation.splits:
+        if s not in ("train", "val", "test"):
+            raise ConfigError(f"evaluation.splits: {s!r} is not one of train, val, test")
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> ExperimentConfig:
+    """Read a YAML config (or a dict), apply `KEY.SUB=VALUE` overrides, validate."""
+    if data is None:
+        data = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _deepcopy(data)
+    for item in overrides or []:
+        _apply_override(data, item)
+    cfg = _from_dict(ExperimentConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def resolved(cfg: ExperimentConfig) -> dict:
+    """The full config as plain data, defaults filled in."""
+    return dataclasses.asdict(cfg)

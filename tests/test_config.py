@@ -1,0 +1,51 @@
+"""Experiment configs: clear errors that name the key; overrides of nested keys."""
+
+import pytest
+
+from hybrid_twin.config import ConfigError, load_config
+
+
+def test_shipped_configs_load():
+    for path in ("configs/quickstart.yaml", "configs/theophylline.yaml"):
+        cfg = load_config(path)
+        assert cfg.name
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.virtual.nn'; did you mean "
+                                          r"'data.virtual.n'\?"):
+        load_config("configs/quickstart.yaml", ["data.virtual.nn=5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'evalution'; did you mean "
+                                          r"'evaluation'\?"):
+        load_config(data={"evalution": {}})
+
+
+def test_wrong_type_and_range_name_the_key():
+    with pytest.raises(ConfigError, match=r"data.virtual.n: expected an integer, got 'many'"):
+        load_config("configs/quickstart.yaml", ["data.virtual.n=many"])
+    with pytest.raises(ConfigError, match=r"data.virtual.n: must be > 0"):
+        load_config("configs/quickstart.yaml", ["data.virtual.n=0"])
+    with pytest.raises(ConfigError, match=r"error_model.kind: 'gaussian' is not one of"):
+        load_config("configs/quickstart.yaml", ["error_model.kind=gaussian"])
+    with pytest.raises(ConfigError, match=r"model.free\[1\]: 'p9' is not a parameter"):
+        load_config("configs/quickstart.yaml", ["model.free=[p1, p9]"])
+    with pytest.raises(ConfigError, match=r"split: train \+ val \+ test"):
+        load_config("configs/quickstart.yaml", ["split.train=0.9"])
+
+
+def test_missing_data_file_and_unknown_model():
+    with pytest.raises(ConfigError, match=r"data.path: file not found: nope.csv"):
+        load_config("configs/theophylline.yaml", ["data.path=nope.csv"])
+    with pytest.raises(ConfigError, match=r"did you mean 'pkpd.OneCompartment'"):
+        load_config("configs/theophylline.yaml", ["model.name=pkpd.OneCompartmnt"])
+    with pytest.raises(ConfigError, match=r"config file not found: missing.yaml"):
+        load_config("missing.yaml")
+
+
+def test_set_overrides_nested_keys():
+    cfg = load_config("configs/quickstart.yaml",
+                      ["data.virtual.noise.additive_sd=2.5", "evaluation.condition_until=600",
+                       "output.plots=false"])
+    assert cfg.data.virtual.noise.additive_sd == 2.5
+    assert cfg.evaluation.condition_until == 600.0
+    assert cfg.output.plots is False

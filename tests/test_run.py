@@ -1,0 +1,59 @@
+"""`hybrid-twin run`: every shipped config runs end to end and writes the run contract."""
+
+import csv
+import json
+
+import pytest
+
+from hybrid_twin.cli import main
+from hybrid_twin.data import read_event_table
+from hybrid_twin.models import BergmanMinimal
+
+SMALL = {
+    "configs/quickstart.yaml": ["data.virtual.n=16", "data.virtual.horizon=720",
+                                "evaluation.condition_until=400", "population.max_rounds=2",
+                                "calibration.max_iter=10"],
+    "configs/theophylline.yaml": ["population.max_rounds=3"],
+}
+
+
+@pytest.mark.parametrize("config", sorted(SMALL))
+def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", config, "--out", str(out), *sum((["--set", s] for s in SMALL[config]),
+                                                         [])]) == 0
+    text = capsys.readouterr().out
+    assert "RMSE" in text and str(out.resolve()) in text
+    for name in ("config.yaml", "metrics.json", "predictions.csv", "params.csv", "log.jsonl",
+                 "fits.png", "pred_vs_obs.png"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    splits = [s for s in metrics if s != "run"]
+    assert splits
+    for s in splits:
+        for obs, v in metrics[s]["rmse"].items():
+            assert v > 0 and metrics[s]["mae"][obs] <= v
+    assert metrics["run"]["seed"] == 0 and "jax" in metrics["run"]["versions"]
+    for png in ("fits.png", "pred_vs_obs.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"]
+    assert all(float(r["PRED_LO"]) <= float(r["PRED"]) <= float(r["PRED_HI"]) for r in rows)
+
+
+def test_predictions_reimport_as_an_event_table(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "configs/quickstart.yaml", "--out", str(out), "--set", "output.plots=false"]
+    for s in SMALL["configs/quickstart.yaml"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    cohort = read_event_table(out / "predictions.csv", BergmanMinimal(),
+                              ignore_columns=("PRED", "PRED_LO", "PRED_HI", "SPLIT"))
+    assert cohort.n_patients > 0 and cohort.observable_names == ("glucose", "insulin")
+
+
+def test_config_error_exits_2_before_compute(tmp_path, capsys):
+    assert main(["run", "configs/quickstart.yaml", "--set", "data.virtual.nn=3"]) == 2
+    assert "did you mean 'data.virtual.n'" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Experiment runners: the `hybrid-twin` command dispatches here."""

@@ -1,0 +1,216 @@
+"""`hybrid-twin run CONFIG`: data -> split -> population -> calibration -> forecast ->
+metrics, predictions, parameters and plots in a run directory (DESIGN.md contract)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from hybrid_twin.config import ExperimentConfig, resolved
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Log:
+    """JSON-lines log in the run directory, echoed to the terminal."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.t0 = time.perf_counter()
+
+    def __call__(self, event: str, **fields) -> None:
+        rec = {"t_s": round(time.perf_counter() - self.t0, 3), "event": event, **fields}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        extra = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, (dict, list)))
+        print(f"[{rec['t_s']:8.1f}s] {event} {extra}".rstrip(), flush=True)
+
+
+def _setup_device(cfg: ExperimentConfig) -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    if cfg.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+
+
+def build_cohort(cfg: ExperimentConfig, model):
+    """The configured data as a Cohort."""
+    from hybrid_twin.data import read_cohort_h5, read_event_table
+    from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
+
+    if cfg.data.source == "csv":
+        return read_event_table(cfg.data.path, model), None
+    if cfg.data.source == "hdf5":
+        return read_cohort_h5(cfg.data.path), None
+    v = cfg.data.virtual
+    spec = ScheduleSpec(
+        doses=tuple(DoseSpec(d.time, d.amount, d.target, d.rate, d.time_jitter, d.amount_cv)
+                    for d in v.doses),
+        obs_every=v.obs_every, obs_start=v.obs_start, horizon=v.horizon,
+        observables=tuple(v.observables) if v.observables else None)
+    noise = NoiseModel(v.noise.kind, v.noise.additive_sd, v.noise.proportional_sd)
+    vc = virtual_cohort(model, v.n, schedule=spec, noise=noise, seed=v.seed)
+    return vc.cohort, vc
+
+
+def _metrics(model, cohort, pred, mask) -> dict:
+    y = np.asarray(cohort.obs_values)
+    k = np.asarray(cohort.obs_index)
+    out = {"rmse": {}, "mae": {}, "n": {}}
+    for j, name in enumerate(model.observable_names):
+        sel = mask & (k == j)
+        if not sel.any():
+            continue
+        err = pred[sel] - y[sel]
+        out["rmse"][name] = float(np.sqrt(np.mean(err ** 2)))
+        out["mae"][name] = float(np.mean(np.abs(err)))
+        out["n"][name] = int(sel.sum())
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) -> Path:
+    """Run the whole experiment; returns the run directory."""
+    _setup_device(cfg)
+    import jax
+
+    from hybrid_twin.calibrate import ErrorModel, calibrate, predict_with_intervals
+    from hybrid_twin.models import get_model
+    from hybrid_twin.population import fit_population
+    from hybrid_twin.simulate import SolverOptions
+
+    run_dir = Path(out or cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = Log(run_dir / "log.jsonl")
+    _atomic_text(run_dir / "config.yaml", yaml.safe_dump(resolved(cfg), sort_keys=False))
+    wall = {}
+    t = time.perf_counter()
+    model = get_model(cfg.model.name)
+    cohort, truth = build_cohort(cfg, model)
+    parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
+                          "test": cfg.split.test}, seed=cfg.split.seed)
+    wall["data_s"] = time.perf_counter() - t
+    log("data", patients=cohort.n_patients, **{k: v.n_patients for k, v in parts.items()})
+
+    free = tuple(cfg.model.free) if cfg.model.free else None
+    em = ErrorModel(cfg.error_model.kind, cfg.error_model.additive,
+                    cfg.error_model.proportional, cfg.error_model.estimate)
+    options = SolverOptions(rtol=cfg.calibration.rtol, atol=cfg.calibration.atol,
+                            backend=cfg.calibration.backend)
+    typical, omega = model.typical_params(), model.omegas()
+    if free is None:
+        free = tuple(q.name for q, o in zip(model.parameters, omega) if o > 0)
+    t = time.perf_counter()
+    if cfg.population.fit and parts["train"].n_patients:
+        typical, omega, res_train, history = fit_population(
+            model, parts["train"], free=free, error_model=em, n_rounds=cfg.population.max_rounds,
+            options=options)
+        em = res_train.error_model
+        log("population", rounds=len(history),
+            typical=dict(zip(free, [float(typical[model.index('param', f)]) for f in free])),
+            error_sd=[em.additive, em.proportional])
+    wall["population_s"] = time.perf_counter() - t
+
+    cond = cfg.evaluation.condition_until
+    rows, prow, metrics = [], [], {}
+    fixed_em = ErrorModel(em.kind, em.additive, em.proportional, estimate=False)
+    plot_data = {}
+    t = time.perf_counter()
+    for split in cfg.evaluation.splits:
+        c = parts[split]
+        if c.n_patients == 0:
+            continue
+        res = calibrate(model, c, free=free, typical=typical, omega=omega, error_model=fixed_em,
+                        condition_until=cond, max_iter=cfg.calibration.max_iter,
+                        n_starts=cfg.calibration.n_starts, seed=cfg.seed, options=options)
+        pred, lo, hi = predict_with_intervals(model, res, c.schedule, c.obs_times, c.obs_mask,
+                                              c.obs_index, options=options)
+        pred, lo, hi = (np.asarray(a) for a in (pred, lo, hi))
+        data_mask = np.asarray(c.data_mask)
+        eval_mask = data_mask & (np.asarray(c.obs_times) > cond) if cond is not None else data_mask
+        metrics[split] = _metrics(model, c, pred, eval_mask)
+        metrics[split]["converged_fraction"] = float(np.mean(np.asarray(res.converged)))
+        log("evaluate", split=split, patients=c.n_patients, rmse=metrics[split]["rmse"])
+        t_obs, y = np.asarray(c.obs_times), np.asarray(c.obs_values)
+        k, om = np.asarray(c.obs_index), np.asarray(c.obs_mask)
+        for i, pid in enumerate(c.ids):
+            for j in np.flatnonzero(om[i]):
+                dv = "" if not data_mask[i, j] else repr(float(y[i, j]))
+                rows.append([pid, repr(float(t_obs[i, j])), model.observable_names[k[i, j]], dv,
+                             repr(float(pred[i, j])), repr(float(lo[i, j])),
+                             repr(float(hi[i, j])), split])
+        p_est, se = np.asarray(res.params), np.asarray(res.se)
+        for i, pid in enumerate(c.ids):
+            prow.append([pid, split, *[repr(float(v)) for v in p_est[i]],
+                         *[repr(float(v)) for v in se[i]], bool(np.asarray(res.converged)[i])])
+        plot_data[split] = (c, pred, lo, hi)
+    wall["calibration_and_prediction_s"] = time.perf_counter() - t
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"])
+    w.writerows(rows)
+    _atomic_text(run_dir / "predictions.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ID", "SPLIT", *model.param_names, *[f"SE_{n}" for n in model.param_names],
+                "CONVERGED"])
+    w.writerows(prow)
+    _atomic_text(run_dir / "params.csv", buf.getvalue())
+
+    if cfg.output.plots:
+        t = time.perf_counter()
+        from training.plots import write_plots
+
+        write_plots(run_dir, model, plot_data, cond, cfg.evaluation.plot_patients)
+        wall["plots_s"] = time.perf_counter() - t
+    import diffrax
+    import equinox
+
+    metrics["run"] = {
+        "name": cfg.name, "seed": cfg.seed, "device": str(jax.devices()[0]),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "diffrax": diffrax.__version__, "equinox": equinox.__version__},
+        "wall_s": {k: round(v, 3) for k, v in wall.items()},
+        "free": list(free), "error_model": [em.kind, em.additive, em.proportional],
+        "condition_until": cond,
+    }
+    _atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(summary_table(metrics, model.observable_names))
+    log("done", run_dir=str(run_dir.resolve()))
+    return run_dir
+
+
+def summary_table(metrics: dict, observables) -> str:
+    """One-screen summary: metrics per split and observable, wall times, device."""
+    lines = [f"{'split':<8}{'observable':<16}{'RMSE':>12}{'MAE':>12}{'n':>8}"]
+    for split, m in metrics.items():
+        if split == "run":
+            continue
+        for obs in observables:
+            if obs in m["rmse"]:
+                lines.append(f"{split:<8}{obs:<16}{m['rmse'][obs]:>12.4g}"
+                             f"{m['mae'][obs]:>12.4g}{m['n'][obs]:>8}")
+    run = metrics.get("run", {})
+    lines.append("wall: " + ", ".join(f"{k} {v:.1f}" for k, v in run.get("wall_s", {}).items())
+                 + f" | device {run.get('device', '?')}")
+    return "\n".join(lines)
