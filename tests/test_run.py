@@ -25,7 +25,7 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "RMSE" in text and str(out.resolve()) in text
     for name in ("config.yaml", "metrics.json", "predictions.csv", "params.csv", "log.jsonl",
-                 "fits.png", "pred_vs_obs.png"):
+                 "fits.png", "pred_vs_obs.png", "vpc.png"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     splits = [s for s in metrics if s != "run"]
@@ -34,7 +34,7 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
         for obs, v in metrics[s]["rmse"].items():
             assert v > 0 and metrics[s]["mae"][obs] <= v
     assert metrics["run"]["seed"] == 0 and "jax" in metrics["run"]["versions"]
-    for png in ("fits.png", "pred_vs_obs.png"):
+    for png in ("fits.png", "pred_vs_obs.png", "vpc.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     with open(out / "predictions.csv") as fh:
@@ -57,3 +57,40 @@ def test_predictions_reimport_as_an_event_table(tmp_path):
 def test_config_error_exits_2_before_compute(tmp_path, capsys):
     assert main(["run", "configs/quickstart.yaml", "--set", "data.virtual.nn=3"]) == 2
     assert "did you mean 'data.virtual.n'" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch):
+    import training.run as runner
+
+    args = ["--set", "output.plots=false"]
+    for s in SMALL["configs/quickstart.yaml"]:
+        args += ["--set", s]
+    full = tmp_path / "full"
+    assert main(["run", "configs/quickstart.yaml", "--out", str(full), *args]) == 0
+
+    part = tmp_path / "part"
+    real = runner._calibrate_split
+    calls = []
+
+    def interrupted(path, log, split, *a, **kw):
+        calls.append(split)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during the second split")
+        return real(path, log, split, *a, **kw)
+
+    monkeypatch.setattr(runner, "_calibrate_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "configs/quickstart.yaml", "--out", str(part), *args])
+    assert (part / "checkpoints" / "population.json").exists()
+    assert not (part / "metrics.json").exists()
+    monkeypatch.setattr(runner, "_calibrate_split", real)
+    assert main(["run", "configs/quickstart.yaml", "--out", str(part), *args]) == 0
+    log = (part / "log.jsonl").read_text()
+    assert '"resumed": true' in log
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((part / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert a[split]["rmse"] == pytest.approx(b[split]["rmse"], rel=1e-9)
+    with pytest.raises(ValueError, match="different config"):
+        main(["run", "configs/quickstart.yaml", "--out", str(part), *args,
+              "--set", "seed=1"])

@@ -54,3 +54,58 @@ def write_plots(run_dir: Path, model, plot_data: dict, condition_until, n_patien
     fig.tight_layout()
     fig.savefig(run_dir / "pred_vs_obs.png", dpi=110)
     plt.close(fig)
+
+
+def write_vpc(run_dir: Path, model, cohort, typical, omega, error_model, free,
+              n_sim: int = 20, seed: int = 0) -> None:
+    """Visual predictive check: percentiles (10/50/90) of the observed data in time bins
+    over the 90% bands of the same percentiles in `n_sim` replicates of the cohort
+    simulated from the fitted population (parameters and residual error)."""
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybrid_twin.simulate import simulate
+
+    rng = np.random.default_rng(seed)
+    n = cohort.n_patients
+    idx = np.array([model.index("param", f) for f in free])
+    z_typ = np.asarray(model.to_unconstrained(jnp.asarray(typical)))
+    t = np.asarray(cohort.obs_times)
+    data = np.asarray(cohort.data_mask) & (np.asarray(cohort.obs_index) == 0)
+    edges = np.unique(np.quantile(t[data], np.linspace(0, 1, 13)))
+    centers = 0.5 * (edges[1:] + edges[:-1])
+
+    def binned(values):
+        out = np.full((3, centers.size), np.nan)
+        for b in range(centers.size):
+            sel = data & (t >= edges[b]) & (t <= edges[b + 1])
+            if sel.any():
+                out[:, b] = np.percentile(values[sel], [10, 50, 90])
+        return out
+
+    sims = []
+    for _ in range(n_sim):
+        z = np.tile(z_typ, (n, 1))
+        z[:, idx] += np.asarray(omega)[idx] * rng.standard_normal((n, idx.size))
+        theta = model.from_unconstrained(jnp.asarray(z))
+        sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask)
+        f = np.asarray(sol.observables(model, theta))[..., 0]
+        sims.append(binned(f + np.asarray(error_model.sd(f)) * rng.standard_normal(f.shape)))
+    sims = np.stack(sims)
+    obs = binned(np.asarray(cohort.obs_values))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for q, color in zip(range(3), ("C0", "C3", "C0")):
+        lo, hi = np.nanpercentile(sims[:, q], [5, 95], axis=0)
+        ax.fill_between(centers, lo, hi, color=color, alpha=0.2)
+        ax.plot(centers, obs[q], color=color, marker="o", ms=3,
+                label=("observed 10/90th" if q == 0 else "observed median" if q == 1 else None))
+    ax.set_xlabel(f"time ({model.time_unit})")
+    ax.set_ylabel(f"{model.observables[0].name} ({model.observables[0].unit})")
+    ax.set_title("visual predictive check (bands: 90% of simulated percentiles)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "vpc.png", dpi=110)
+    plt.close(fig)

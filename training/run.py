@@ -73,6 +73,44 @@ def build_cohort(cfg: ExperimentConfig, model):
     return vc.cohort, vc
 
 
+def _calibrate_split(path: Path, log, split, model, cohort, **kw):
+    """Calibrate a split, or load its checkpoint from an interrupted run."""
+    import equinox as eqx
+    import jax
+
+    from hybrid_twin.calibrate import CalibrationResult, calibrate
+
+    if path.exists():
+        n, p, f = cohort.n_patients, model.n_params, len(kw["free"])
+        zeros = jax.numpy.zeros
+        skeleton = CalibrationResult(
+            params=zeros((n, p)), z=zeros((n, f)), cov_z=zeros((n, f, f)), se=zeros((n, p)),
+            corr=zeros((n, f, f)), cost=zeros((n,)), converged=zeros((n,), bool), n_iter=0,
+            free=tuple(kw["free"]), error_model=kw["error_model"])
+        with open(path, "rb") as fh:
+            res = eqx.tree_deserialise_leaves(fh, skeleton)
+        log("calibration", split=split, resumed=True)
+        return res
+    t0 = time.perf_counter()
+    max_iter = kw["max_iter"]
+
+    def progress(it, n_conv, seconds):
+        eta = seconds / it * (max_iter - it)
+        print(f"\r  calibrating {split}: iteration {it}/{max_iter}, {n_conv}/"
+              f"{cohort.n_patients} converged, {seconds:.1f} s, ETA <= {eta:.0f} s",
+              end="", flush=True)
+
+    res = calibrate(model, cohort, progress=progress, **kw)
+    print()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        eqx.tree_serialise_leaves(fh, res)
+    os.replace(tmp, path)
+    log("calibration", split=split, seconds=round(time.perf_counter() - t0, 2),
+        converged=int(np.sum(np.asarray(res.converged))))
+    return res
+
+
 def _metrics(model, cohort, pred, mask) -> dict:
     y = np.asarray(cohort.obs_values)
     k = np.asarray(cohort.obs_index)
@@ -100,8 +138,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
 
     run_dir = Path(out or cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    config_text = yaml.safe_dump(resolved(cfg), sort_keys=False)
+    if (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() != config_text:
+        raise ValueError(f"{run_dir} holds a run of a different config; resume it with the "
+                         "same config or choose another --out")
     log = Log(run_dir / "log.jsonl")
-    _atomic_text(run_dir / "config.yaml", yaml.safe_dump(resolved(cfg), sort_keys=False))
+    _atomic_text(run_dir / "config.yaml", config_text)
     wall = {}
     t = time.perf_counter()
     model = get_model(cfg.model.name)
@@ -120,11 +164,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
     if free is None:
         free = tuple(q.name for q, o in zip(model.parameters, omega) if o > 0)
     t = time.perf_counter()
-    if cfg.population.fit and parts["train"].n_patients:
+    pop_file = ckpt / "population.json"
+    if pop_file.exists():
+        pop = json.loads(pop_file.read_text())
+        typical, omega = np.array(pop["typical"]), np.array(pop["omega"])
+        em = ErrorModel(em.kind, pop["error_sd"][0], pop["error_sd"][1], em.estimate)
+        log("population", resumed=True)
+    elif cfg.population.fit and parts["train"].n_patients:
         typical, omega, res_train, history = fit_population(
             model, parts["train"], free=free, error_model=em, n_rounds=cfg.population.max_rounds,
             options=options)
         em = res_train.error_model
+        _atomic_text(pop_file, json.dumps({"typical": typical.tolist(), "omega": omega.tolist(),
+                                           "error_sd": [em.additive, em.proportional],
+                                           "history": history}))
         log("population", rounds=len(history),
             typical=dict(zip(free, [float(typical[model.index('param', f)]) for f in free])),
             error_sd=[em.additive, em.proportional])
@@ -139,9 +192,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
         c = parts[split]
         if c.n_patients == 0:
             continue
-        res = calibrate(model, c, free=free, typical=typical, omega=omega, error_model=fixed_em,
-                        condition_until=cond, max_iter=cfg.calibration.max_iter,
-                        n_starts=cfg.calibration.n_starts, seed=cfg.seed, options=options)
+        res = _calibrate_split(ckpt / f"calibration_{split}.eqx", log, split, model, c,
+                               free=free, typical=typical, omega=omega, error_model=fixed_em,
+                               condition_until=cond, max_iter=cfg.calibration.max_iter,
+                               n_starts=cfg.calibration.n_starts, seed=cfg.seed,
+                               options=options)
         pred, lo, hi = predict_with_intervals(model, res, c.schedule, c.obs_times, c.obs_mask,
                                               c.obs_index, options=options)
         pred, lo, hi = (np.asarray(a) for a in (pred, lo, hi))
@@ -179,9 +234,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
 
     if cfg.output.plots:
         t = time.perf_counter()
-        from training.plots import write_plots
+        from training.plots import write_plots, write_vpc
 
         write_plots(run_dir, model, plot_data, cond, cfg.evaluation.plot_patients)
+        vpc_split = "test" if "test" in plot_data else next(iter(plot_data))
+        write_vpc(run_dir, model, plot_data[vpc_split][0], typical, omega, em, free,
+                  seed=cfg.seed)
         wall["plots_s"] = time.perf_counter() - t
     import diffrax
     import equinox
