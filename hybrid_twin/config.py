@@ -24,9 +24,35 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass
+class LearnedConfig:
+    """A learned term: kind "state_correction" (adds to dy/dt of `states`) or
+    "term_closure" (replaces the flux `term`), from `features`."""
+
+    kind: str = "state_correction"
+    states: list[str] = dataclasses.field(default_factory=list)
+    term: str | None = None
+    features: list[str] = dataclasses.field(default_factory=list)
+    feature_scales: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    width: int = 16
+    depth: int = 2
+    out_scale: float = 1.0
+    day_length: float | None = None
+
+
+@dataclasses.dataclass
 class ModelConfig:
     name: str = "glucose.BergmanMinimal"
     free: list[str] | None = None
+    learned: list[LearnedConfig] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    penalty_weight: float = 1e-4
+    patience: int = 10
 
 
 @dataclasses.dataclass
@@ -120,6 +146,7 @@ class ExperimentConfig:
     error_model: ErrorModelConfig = dataclasses.field(default_factory=ErrorModelConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
 
@@ -133,7 +160,8 @@ CHOICES = {
 }
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
             "calibration.rtol", "calibration.atol", "calibration.max_iter",
-            "calibration.n_starts", "population.max_rounds")
+            "calibration.n_starts", "population.max_rounds", "training.epochs",
+            "training.batch_size", "training.learning_rate")
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -147,6 +175,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         return _from_dict(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(vt, v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
@@ -218,6 +251,26 @@ def _validate(cfg: ExperimentConfig) -> None:
         if d.target not in model.dose_target_names:
             raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
                               f"target of {cfg.model.name} ({', '.join(model.dose_target_names)})")
+    for i, lt in enumerate(cfg.model.learned):
+        where = f"model.learned[{i}]"
+        if lt.kind not in ("state_correction", "term_closure"):
+            raise ConfigError(f"{where}.kind: {lt.kind!r} is not one of state_correction, "
+                              "term_closure")
+        for j, st in enumerate(lt.states):
+            if st not in model.state_names:
+                raise ConfigError(f"{where}.states[{j}]: {st!r} is not a state of "
+                                  f"{cfg.model.name} ({', '.join(model.state_names)})")
+        if lt.kind == "term_closure" and not lt.term:
+            raise ConfigError(f"{where}.term: required for a term_closure")
+        valid = (*model.state_names, *model.input_names, *model.param_names,
+                 "time", "sin_day", "cos_day")
+        for j, f in enumerate(lt.features):
+            if f not in valid:
+                raise ConfigError(f"{where}.features[{j}]: {f!r} is not a state, input, "
+                                  "parameter, time, sin_day or cos_day")
+        for k, v in lt.feature_scales.items():
+            if len(v) != 2 or v[1] == 0:
+                raise ConfigError(f"{where}.feature_scales.{k}: expected [shift, scale != 0]")
     for s in cfg.evaluation.splits:
         if s not in ("train", "val", "test"):
             raise ConfigError(f"evaluation.splits: {s!r} is not one of train, val, test")

@@ -14,6 +14,10 @@ SMALL = {
                                 "evaluation.condition_until=400", "population.max_rounds=2",
                                 "calibration.max_iter=10"],
     "configs/theophylline.yaml": ["population.max_rounds=3"],
+    "configs/glucose_hybrid.yaml": ["data.virtual.n=16", "data.virtual.horizon=720",
+                                    "evaluation.condition_until=400",
+                                    "population.max_rounds=2", "calibration.max_iter=10",
+                                    "training.epochs=2", "training.batch_size=4"],
 }
 
 
@@ -27,6 +31,9 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
     for name in ("config.yaml", "metrics.json", "predictions.csv", "params.csv", "log.jsonl",
                  "fits.png", "pred_vs_obs.png", "vpc.png"):
         assert (out / name).exists(), name
+    if "hybrid" in config:
+        assert (out / "training.png").exists()
+        assert "training_s" in json.loads((out / "metrics.json").read_text())["run"]["wall_s"]
     metrics = json.loads((out / "metrics.json").read_text())
     splits = [s for s in metrics if s != "run"]
     assert splits

@@ -109,3 +109,24 @@ def write_vpc(run_dir: Path, model, cohort, typical, omega, error_model, free,
     fig.tight_layout()
     fig.savefig(run_dir / "vpc.png", dpi=110)
     plt.close(fig)
+
+
+def write_training_curves(run_dir: Path, history: list[dict]) -> None:
+    """Training and validation weighted RMSE per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(epochs, [h["train_rmse_weighted"] for h in history], "o-", ms=3, label="train")
+    val = [h["val_rmse_weighted"] for h in history]
+    if any(np.isfinite(val)):
+        ax.plot(epochs, val, "s-", ms=3, label="validation (forecast)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted RMSE (residual / error SD)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=110)
+    plt.close(fig)

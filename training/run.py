@@ -53,6 +53,30 @@ def _setup_device(cfg: ExperimentConfig) -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+def build_model(cfg: ExperimentConfig, mechanistic):
+    """The mechanistic model, or a HybridModel with the configured learned terms."""
+    if not cfg.model.learned:
+        return mechanistic
+    import jax
+
+    from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
+
+    keys = jax.random.split(jax.random.PRNGKey(cfg.seed), len(cfg.model.learned))
+    corrections, closures = [], []
+    day = cfg.model.learned[0].day_length or (1440.0 if mechanistic.time_unit == "min" else 24.0)
+    for key, lt in zip(keys, cfg.model.learned):
+        scales = {k: tuple(v) for k, v in lt.feature_scales.items()}
+        if lt.kind == "state_correction":
+            corrections.append(state_correction(
+                mechanistic, lt.states, lt.features, key=key, width=lt.width, depth=lt.depth,
+                feature_scales=scales, out_scale=lt.out_scale))
+        else:
+            closures.append(term_closure(
+                mechanistic, lt.term, lt.features, key=key, width=lt.width, depth=lt.depth,
+                feature_scales=scales, out_scale=lt.out_scale))
+    return HybridModel(mechanistic, tuple(corrections), tuple(closures), day_length=day)
+
+
 def build_cohort(cfg: ExperimentConfig, model):
     """The configured data as a Cohort."""
     from hybrid_twin.data import read_cohort_h5, read_event_table
@@ -148,8 +172,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
     _atomic_text(run_dir / "config.yaml", config_text)
     wall = {}
     t = time.perf_counter()
-    model = get_model(cfg.model.name)
-    cohort, truth = build_cohort(cfg, model)
+    mechanistic = get_model(cfg.model.name)
+    model = build_model(cfg, mechanistic)
+    cohort, truth = build_cohort(cfg, mechanistic)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     wall["data_s"] = time.perf_counter() - t
@@ -182,6 +207,24 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
             typical=dict(zip(free, [float(typical[model.index('param', f)]) for f in free])),
             error_sd=[em.additive, em.proportional])
     wall["population_s"] = time.perf_counter() - t
+
+    history = None
+    if cfg.model.learned:
+        from hybrid_twin.population import train_population
+
+        t = time.perf_counter()
+        val = parts["val"] if parts["val"].n_patients else None
+
+        def on_epoch(epoch, rec):
+            log("epoch", **{k: v for k, v in rec.items()})
+
+        model, _, history = train_population(
+            model, parts["train"], val, free=free, error_model=em,
+            epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
+            learning_rate=cfg.training.learning_rate, penalty_weight=cfg.training.penalty_weight,
+            patience=cfg.training.patience, val_condition_until=cfg.evaluation.condition_until,
+            seed=cfg.seed, checkpoint_dir=ckpt / "training", on_epoch_end=on_epoch)
+        wall["training_s"] = time.perf_counter() - t
 
     cond = cfg.evaluation.condition_until
     rows, prow, metrics = [], [], {}
@@ -237,6 +280,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
         from training.plots import write_plots, write_vpc
 
         write_plots(run_dir, model, plot_data, cond, cfg.evaluation.plot_patients)
+        if history:
+            from training.plots import write_training_curves
+
+            write_training_curves(run_dir, history)
         vpc_split = "test" if "test" in plot_data else next(iter(plot_data))
         write_vpc(run_dir, model, plot_data[vpc_split][0], typical, omega, em, free,
                   seed=cfg.seed)
