@@ -1,6 +1,8 @@
 """The `hybrid-twin` command.
 
     hybrid-twin run CONFIG [--set k=v] [--out DIR]   run a whole experiment from a YAML config
+    hybrid-twin evaluate RUN_DIR            recompute a run's metrics from its predictions.csv
+    hybrid-twin bench NAME [ARGS]           run a benchmark (simulate, calibrate, hdf5_memory)
     hybrid-twin models                      list the model library (states, parameters, sources)
     hybrid-twin simulate [options]          simulate a virtual cohort and write its run directory
 """
@@ -44,6 +46,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir)
+    return 0
+
+
+BENCHMARKS = ("simulate", "calibrate", "hdf5_memory")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{args.name}")
+    except ModuleNotFoundError:
+        print("bench: the benchmarks/ folder is not importable; run from the repository root",
+              file=sys.stderr)
+        return 2
+    module.main(args.args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="hybrid-twin",
@@ -59,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key (repeatable), e.g. --set data.virtual.n=50")
     p.add_argument("--out", default=None, help="run directory (default: output.dir)")
     p.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("evaluate", help="recompute a run's metrics from its predictions",
+                       description="Read RUN_DIR/predictions.csv and config.yaml, compute RMSE "
+                                   "and MAE per split and observable on the observations after "
+                                   "evaluation.condition_until, rewrite metrics.json (keeping "
+                                   "its run metadata) and print the summary table.")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_cmd_evaluate)
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/",
+                       description="Run benchmarks/NAME.py with ARGS (see each one's --help); "
+                                   "from the repository root.")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_cmd_bench)
     p = sub.add_parser("models", help="list the model library",
                        description="Print each model's states, parameters (units, typical "
                                    "values, bounds, spreads, sources), observables and "

@@ -26,3 +26,10 @@ def test_simulate_writes_a_complete_output(tmp_path, capsys):
     glucose = [float(r["PRED"]) for r in rows]
     assert 20 < min(glucose) and max(glucose) < 600
     assert (out / "params.csv").read_text().startswith("ID,p1,p2,p3")
+
+
+def test_bench_dispatches_to_the_benchmark(capsys):
+    assert main(["bench", "simulate", "--n", "8", "--scipy-n", "2", "--repeats", "1",
+                 "--skip-handwritten"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["N"] == 8 and record["hybrid_twin_ensemble"]["failed_patients"] == 0

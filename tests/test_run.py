@@ -101,3 +101,18 @@ def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different config"):
         main(["run", "configs/quickstart.yaml", "--out", str(part), *args,
               "--set", "seed=1"])
+
+
+def test_evaluate_recomputes_the_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "configs/theophylline.yaml", "--out", str(out), "--set",
+            "population.max_rounds=2", "--set", "output.plots=false"]
+    assert main(args) == 0
+    before = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    assert main(["evaluate", str(out)]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    for split in ("train", "test"):
+        assert after[split]["rmse"] == pytest.approx(before[split]["rmse"], rel=1e-12)
+        assert after[split]["mae"] == pytest.approx(before[split]["mae"], rel=1e-12)
+    assert "RMSE" in capsys.readouterr().out
