@@ -58,7 +58,10 @@ BENCHMARKS = ("simulate", "calibrate", "hdf5_memory")
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
+    import os
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(f"benchmarks.{args.name}")
     except ModuleNotFoundError:
