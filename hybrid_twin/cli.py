@@ -1,6 +1,7 @@
 """The `hybrid-twin` command.
 
     hybrid-twin run CONFIG [--set k=v] [--out DIR]   run a whole experiment from a YAML config
+    hybrid-twin train|calibrate|predict CONFIG ...   run it stage by stage (same run directory)
     hybrid-twin evaluate RUN_DIR            recompute a run's metrics from its predictions.csv
     hybrid-twin bench NAME [ARGS]           run a benchmark (simulate, calibrate, hdf5_memory)
     hybrid-twin models                      list the model library (states, parameters, sources)
@@ -41,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     from training.run import run_experiment
 
-    out = run_experiment(cfg, args.out)
+    out = run_experiment(cfg, args.out, stop_after=args.stage)
     print(f"run directory: {out.resolve()}")
     return 0
 
@@ -77,16 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hybrid-twin",
         description="Hybrid mechanistic-ML digital twins of patients.")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a whole experiment from a YAML config",
-                       description="data -> split -> population fit -> per-patient "
-                                   "calibration up to evaluation.condition_until -> forecast "
-                                   "-> metrics.json, predictions.csv, params.csv, plots. "
-                                   "The config is validated before any compute.")
-    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
-                   help="override a config key (repeatable), e.g. --set data.virtual.n=50")
-    p.add_argument("--out", default=None, help="run directory (default: output.dir)")
-    p.set_defaults(fn=_cmd_run)
+    stages = {
+        "run": ("predict", "run a whole experiment from a YAML config",
+                "data -> split -> population fit -> (hybrid training) -> per-patient "
+                "calibration up to evaluation.condition_until -> forecast -> metrics.json, "
+                "predictions.csv, params.csv, plots."),
+        "train": ("train", "population fit and hybrid training only",
+                  "data -> split -> population fit -> training of the learned terms "
+                  "(model.learned); checkpoints and training.png in the run directory."),
+        "calibrate": ("calibrate", "up to per-patient calibration (params.csv)",
+                      "as `run`, stopping after the per-patient calibrations: params.csv "
+                      "with estimates and standard errors; reuses earlier stages' checkpoints."),
+        "predict": ("predict", "forecasts and metrics (reusing earlier stages)",
+                    "as `run`: stages already checkpointed in --out (train, calibrate) are "
+                    "reloaded, then predictions.csv, metrics.json and plots are written."),
+    }
+    for name, (stage, short, long) in stages.items():
+        p = sub.add_parser(name, help=short,
+                           description=long + " The config is validated before any compute.")
+        p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                       help="override a config key (repeatable), e.g. --set data.virtual.n=50")
+        p.add_argument("--out", default=None, help="run directory (default: output.dir)")
+        p.set_defaults(fn=_cmd_run, stage=stage)
     p = sub.add_parser("evaluate", help="recompute a run's metrics from its predictions",
                        description="Read RUN_DIR/predictions.csv and config.yaml, compute RMSE "
                                    "and MAE per split and observable on the observations after "

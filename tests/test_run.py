@@ -116,3 +116,20 @@ def test_evaluate_recomputes_the_metrics(tmp_path, capsys):
         assert after[split]["rmse"] == pytest.approx(before[split]["rmse"], rel=1e-12)
         assert after[split]["mae"] == pytest.approx(before[split]["mae"], rel=1e-12)
     assert "RMSE" in capsys.readouterr().out
+
+
+def test_stage_commands_build_the_same_run(tmp_path):
+    args = ["--set", "output.plots=false"]
+    for s in SMALL["configs/quickstart.yaml"]:
+        args += ["--set", s]
+    staged = tmp_path / "staged"
+    assert main(["calibrate", "configs/quickstart.yaml", "--out", str(staged), *args]) == 0
+    assert (staged / "params.csv").exists() and not (staged / "predictions.csv").exists()
+    assert main(["predict", "configs/quickstart.yaml", "--out", str(staged), *args]) == 0
+    assert '"resumed": true' in (staged / "log.jsonl").read_text()
+    whole = tmp_path / "whole"
+    assert main(["run", "configs/quickstart.yaml", "--out", str(whole), *args]) == 0
+    a = json.loads((staged / "metrics.json").read_text())
+    b = json.loads((whole / "metrics.json").read_text())
+    assert a["test"]["rmse"] == pytest.approx(b["test"]["rmse"], rel=1e-9)
+    assert (staged / "params.csv").read_text() == (whole / "params.csv").read_text()

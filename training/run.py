@@ -150,8 +150,17 @@ def _metrics(model, cohort, pred, mask) -> dict:
     return out
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) -> Path:
-    """Run the whole experiment; returns the run directory."""
+STAGES = ("train", "calibrate", "predict")
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
+                   stop_after: str = "predict") -> Path:
+    """Run the experiment up to and including `stop_after` ("train": population fit and
+    hybrid training; "calibrate": also the per-patient calibrations and params.csv;
+    "predict": everything). Stages already checkpointed in the run directory are reloaded,
+    so the stage commands can be run one after another. Returns the run directory."""
+    if stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     _setup_device(cfg)
     import jax
 
@@ -225,6 +234,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
             patience=cfg.training.patience, val_condition_until=cfg.evaluation.condition_until,
             seed=cfg.seed, checkpoint_dir=ckpt / "training", on_epoch_end=on_epoch)
         wall["training_s"] = time.perf_counter() - t
+        if cfg.output.plots and history:
+            from training.plots import write_training_curves
+
+            write_training_curves(run_dir, history)
+    if stop_after == "train":
+        log("done", stage="train", run_dir=str(run_dir.resolve()))
+        return run_dir
 
     cond = cfg.evaluation.condition_until
     rows, prow, metrics = [], [], {}
@@ -240,6 +256,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
                                condition_until=cond, max_iter=cfg.calibration.max_iter,
                                n_starts=cfg.calibration.n_starts, seed=cfg.seed,
                                options=options)
+        p_est, se = np.asarray(res.params), np.asarray(res.se)
+        for i, pid in enumerate(c.ids):
+            prow.append([pid, split, *[repr(float(v)) for v in p_est[i]],
+                         *[repr(float(v)) for v in se[i]], bool(np.asarray(res.converged)[i])])
+        if stop_after == "calibrate":
+            continue
         pred, lo, hi = predict_with_intervals(model, res, c.schedule, c.obs_times, c.obs_mask,
                                               c.obs_index, options=options)
         pred, lo, hi = (np.asarray(a) for a in (pred, lo, hi))
@@ -256,34 +278,29 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None) 
                 rows.append([pid, repr(float(t_obs[i, j])), model.observable_names[k[i, j]], dv,
                              repr(float(pred[i, j])), repr(float(lo[i, j])),
                              repr(float(hi[i, j])), split])
-        p_est, se = np.asarray(res.params), np.asarray(res.se)
-        for i, pid in enumerate(c.ids):
-            prow.append([pid, split, *[repr(float(v)) for v in p_est[i]],
-                         *[repr(float(v)) for v in se[i]], bool(np.asarray(res.converged)[i])])
         plot_data[split] = (c, pred, lo, hi)
     wall["calibration_and_prediction_s"] = time.perf_counter() - t
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"])
-    w.writerows(rows)
-    _atomic_text(run_dir / "predictions.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["ID", "SPLIT", *model.param_names, *[f"SE_{n}" for n in model.param_names],
                 "CONVERGED"])
     w.writerows(prow)
     _atomic_text(run_dir / "params.csv", buf.getvalue())
+    if stop_after == "calibrate":
+        log("done", stage="calibrate", run_dir=str(run_dir.resolve()))
+        return run_dir
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"])
+    w.writerows(rows)
+    _atomic_text(run_dir / "predictions.csv", buf.getvalue())
 
     if cfg.output.plots:
         t = time.perf_counter()
         from training.plots import write_plots, write_vpc
 
         write_plots(run_dir, model, plot_data, cond, cfg.evaluation.plot_patients)
-        if history:
-            from training.plots import write_training_curves
-
-            write_training_curves(run_dir, history)
         vpc_split = "test" if "test" in plot_data else next(iter(plot_data))
         write_vpc(run_dir, model, plot_data[vpc_split][0], typical, omega, em, free,
                   seed=cfg.seed)
