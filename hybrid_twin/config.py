@@ -125,6 +125,8 @@ class PopulationConfig:
 @dataclasses.dataclass
 class EvaluationConfig:
     condition_until: float | None = None
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["rmse", "mae"])
+    horizons: list[float] = dataclasses.field(default_factory=list)
     splits: list[str] = dataclasses.field(default_factory=lambda: ["train", "val", "test"])
     plot_patients: int = 6
 
@@ -151,6 +153,7 @@ class ExperimentConfig:
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
 
 
+METRICS = ("rmse", "mae", "bias", "coverage")
 CHOICES = {
     "device": ("auto", "cpu", "gpu"),
     "data.source": ("virtual", "csv", "hdf5"),
@@ -271,6 +274,15 @@ def _validate(cfg: ExperimentConfig) -> None:
         for k, v in lt.feature_scales.items():
             if len(v) != 2 or v[1] == 0:
                 raise ConfigError(f"{where}.feature_scales.{k}: expected [shift, scale != 0]")
+    for i, metric in enumerate(cfg.evaluation.metrics):
+        if metric not in METRICS:
+            raise ConfigError(f"evaluation.metrics[{i}]: {metric!r} is not one of "
+                              f"{', '.join(METRICS)}")
+    if cfg.evaluation.horizons and cfg.evaluation.condition_until is None:
+        raise ConfigError("evaluation.horizons: needs evaluation.condition_until")
+    for i, h in enumerate(cfg.evaluation.horizons):
+        if not h > 0:
+            raise ConfigError(f"evaluation.horizons[{i}]: must be > 0, got {h!r}")
     for s in cfg.evaluation.splits:
         if s not in ("train", "val", "test"):
             raise ConfigError(f"evaluation.splits: {s!r} is not one of train, val, test")

@@ -29,6 +29,8 @@ def test_wrong_type_and_range_name_the_key():
         load_config("configs/quickstart.yaml", ["error_model.kind=gaussian"])
     with pytest.raises(ConfigError, match=r"model.free\[1\]: 'p9' is not a parameter"):
         load_config("configs/quickstart.yaml", ["model.free=[p1, p9]"])
+    with pytest.raises(ConfigError, match=r"evaluation.metrics\[0\]: 'r2' is not one of"):
+        load_config("configs/quickstart.yaml", ["evaluation.metrics=[r2]"])
     with pytest.raises(ConfigError, match=r"split: train \+ val \+ test"):
         load_config("configs/quickstart.yaml", ["split.train=0.9"])
 

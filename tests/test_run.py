@@ -41,6 +41,11 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
         for obs, v in metrics[s]["rmse"].items():
             assert v > 0 and metrics[s]["mae"][obs] <= v
     assert metrics["run"]["seed"] == 0 and "jax" in metrics["run"]["versions"]
+    if "quickstart" in config:
+        test = metrics["test"]
+        assert 0.5 <= test["coverage"]["glucose"] <= 1.0  # 4 test patients: a sanity range
+        assert set(test["horizons"]) == {"60", "240", "720"}
+        assert test["horizons"]["60"]["n"]["glucose"] < test["n"]["glucose"]
     for png in ("fits.png", "pred_vs_obs.png", "vpc.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -135,17 +135,24 @@ def _calibrate_split(path: Path, log, split, model, cohort, **kw):
     return res
 
 
-def _metrics(model, cohort, pred, mask) -> dict:
+def _metrics(model, cohort, pred, lo, hi, mask, names=("rmse", "mae")) -> dict:
+    """Metrics per observable on `mask`: rmse and mae always, bias and coverage (of the
+    95% prediction intervals) on request; n is the number of observations used."""
     y = np.asarray(cohort.obs_values)
     k = np.asarray(cohort.obs_index)
-    out = {"rmse": {}, "mae": {}, "n": {}}
+    wanted = ["rmse", "mae", *[m for m in names if m not in ("rmse", "mae")]]
+    out = {m: {} for m in wanted}
+    out["n"] = {}
     for j, name in enumerate(model.observable_names):
         sel = mask & (k == j)
         if not sel.any():
             continue
         err = pred[sel] - y[sel]
-        out["rmse"][name] = float(np.sqrt(np.mean(err ** 2)))
-        out["mae"][name] = float(np.mean(np.abs(err)))
+        values = {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))),
+                  "bias": float(np.mean(err)),
+                  "coverage": float(np.mean((lo[sel] <= y[sel]) & (y[sel] <= hi[sel])))}
+        for m in wanted:
+            out[m][name] = values[m]
         out["n"][name] = int(sel.sum())
     return out
 
@@ -225,7 +232,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
         val = parts["val"] if parts["val"].n_patients else None
 
         def on_epoch(epoch, rec):
-            log("epoch", **{k: v for k, v in rec.items()})
+            eta = rec["seconds"] * (cfg.training.epochs - epoch)
+            log("epoch", of=cfg.training.epochs, eta_s=round(eta, 1),
+                **{k: v for k, v in rec.items()})
 
         model, _, history = train_population(
             model, parts["train"], val, free=free, error_model=em,
@@ -267,7 +276,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
         pred, lo, hi = (np.asarray(a) for a in (pred, lo, hi))
         data_mask = np.asarray(c.data_mask)
         eval_mask = data_mask & (np.asarray(c.obs_times) > cond) if cond is not None else data_mask
-        metrics[split] = _metrics(model, c, pred, eval_mask)
+        metrics[split] = _metrics(model, c, pred, lo, hi, eval_mask, cfg.evaluation.metrics)
+        if cfg.evaluation.horizons:
+            t_rel = np.asarray(c.obs_times) - cond
+            metrics[split]["horizons"] = {
+                f"{h:g}": _metrics(model, c, pred, lo, hi, eval_mask & (t_rel <= h),
+                                   cfg.evaluation.metrics)
+                for h in cfg.evaluation.horizons}
         metrics[split]["converged_fraction"] = float(np.mean(np.asarray(res.converged)))
         log("evaluate", split=split, patients=c.n_patients, rmse=metrics[split]["rmse"])
         t_obs, y = np.asarray(c.obs_times), np.asarray(c.obs_values)
