@@ -28,7 +28,7 @@ import diffrax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RESULTS, block, device_info, emit, glucose_day_cohort  # noqa: E402
+from benchmarks.common import block, device_info, emit, glucose_day_cohort  # noqa: E402
 from hybrid_twin import SolverOptions, simulate  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-8

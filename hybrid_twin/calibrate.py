@@ -114,9 +114,7 @@ class _Problem(eqx.Module):
     def predict(self, z, theta_fixed, schedule, ts, mask, obs_index):
         theta = self.theta(z, theta_fixed)
         sol = simulate(self.model, theta, schedule, ts, mask, options=self.options)
-        obs = sol.observables(self.model, theta)
-        f = jnp.take_along_axis(obs, obs_index[..., None], axis=-1)[..., 0]
-        return f, sol.status
+        return sol.observed(self.model, theta, obs_index), sol.status
 
     def residuals(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
                   sd_frozen, z_pop, inv_omega):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._atomic import atomic_open, atomic_write_text
 from .models.base import MechanisticModel
 
 
@@ -126,20 +126,6 @@ class TrainState(eqx.Module):
     error_sd: jax.Array
 
 
-def _atomic_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train_population(
     model,
     train,
@@ -232,9 +218,7 @@ def train_population(
         z_b = z_all[rows]
         full = jnp.tile(base, (z_b.shape[0], 1)).at[:, idx].set(z_b)
         theta = model.from_unconstrained(full)
-        sol = simulate(m, theta, sched, ts, mask, options=options)
-        obs = sol.observables(m, theta)
-        f = jnp.take_along_axis(obs, obs_k[..., None], axis=-1)[..., 0]
+        f = simulate(m, theta, sched, ts, mask, options=options).observed(m, theta, obs_k)
         sd = error_model.sd(jax.lax.stop_gradient(f))
         r = jnp.where(w, (jnp.where(w, y, 0.0) - f) / sd, 0.0)
         data = 0.5 * jnp.sum(r * r)
@@ -293,8 +277,9 @@ def train_population(
         history.append({"epoch": epoch + 1, "train_rmse_weighted": (2 * total / n_obs) ** 0.5,
                         "val_rmse_weighted": val_rmse, "seconds": time.perf_counter() - t0})
         if ckpt is not None:
-            _atomic_bytes(ckpt, lambda fh: eqx.tree_serialise_leaves(fh, state))
-            _atomic_bytes(hist_path, lambda fh: fh.write(json.dumps(history).encode()))
+            with atomic_open(ckpt, "wb") as fh:
+                eqx.tree_serialise_leaves(fh, state)
+            atomic_write_text(hist_path, json.dumps(history))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history[-1])
     return state.best_model, state, history
@@ -305,8 +290,7 @@ def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None
     from .simulate import simulate
 
     sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask)
-    obs = sol.observables(model, theta)
-    f = jnp.take_along_axis(obs, cohort.obs_index[..., None], axis=-1)[..., 0]
+    f = sol.observed(model, theta, cohort.obs_index)
     w = np.asarray(cohort.data_mask)
     if after is not None:
         w = w & (np.asarray(cohort.obs_times) > after)

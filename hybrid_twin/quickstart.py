@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+from ._atomic import atomic_write_text
 
 
 def run_virtual_cohort(n: int = 1000, seed: int = 0, out: str = "runs/quickstart",
@@ -62,11 +55,11 @@ def run_virtual_cohort(n: int = 1000, seed: int = 0, out: str = "runs/quickstart
     rows = ["ID,TIME,OBS,PRED,STATUS"]
     for i in range(n):
         rows += [f"{i},{tt:g},glucose,{g:.6g},{status[i]}" for tt, g in zip(ts, glucose[i])]
-    _atomic_write(out_dir / "predictions.csv", "\n".join(rows) + "\n")
+    atomic_write_text(out_dir / "predictions.csv", "\n".join(rows) + "\n")
     p = np.asarray(params)
     prow = ["ID," + ",".join(model.param_names)]
     prow += [f"{i}," + ",".join(f"{v:.8g}" for v in p[i]) for i in range(n)]
-    _atomic_write(out_dir / "params.csv", "\n".join(prow) + "\n")
+    atomic_write_text(out_dir / "params.csv", "\n".join(prow) + "\n")
     summary = {
         "model": "glucose.BergmanMinimal", "n_patients": n, "seed": seed, "dtype": dtype,
         "device": str(jax.devices()[0]), "wall_s_including_compile": round(wall, 3),
@@ -75,7 +68,7 @@ def run_virtual_cohort(n: int = 1000, seed: int = 0, out: str = "runs/quickstart
                           "p5": float(np.percentile(glucose, 5)),
                           "p95": float(np.percentile(glucose, 95))},
     }
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return out_dir.resolve()
 

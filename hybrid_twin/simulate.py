@@ -132,6 +132,12 @@ class Solution(eqx.Module):
         """Observables at the save times: (..., M, n_observables)."""
         return model.observe(self.ys, jnp.asarray(params)[..., None, :])
 
+    def observed(self, model: MechanisticModel, params: jax.Array,
+                 obs_index: jax.Array) -> jax.Array:
+        """At each save time, the observable it measures (`obs_index`, (..., M))."""
+        obs = self.observables(model, params)
+        return jnp.take_along_axis(obs, jnp.asarray(obs_index)[..., None], axis=-1)[..., 0]
+
 
 class _Field(eqx.Module):
     model: MechanisticModel

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from training.run import _atomic_text, summary_table
+from hybrid_twin._atomic import atomic_write_text
+from training.run import summary_table
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
@@ -47,7 +48,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
                 metrics[split].setdefault(key, value)
         if "run" in previous:
             metrics["run"] = previous["run"]
-    _atomic_text(old, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(old, json.dumps(metrics, indent=2) + "\n")
     observables = sorted({o for m in metrics.values() if "rmse" in m for o in m["rmse"]})
     print(summary_table(metrics, observables))
     return metrics

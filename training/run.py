@@ -8,26 +8,14 @@ import io
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from hybrid_twin._atomic import atomic_open, atomic_write_text
 from hybrid_twin.config import ExperimentConfig, resolved
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Log:
@@ -126,10 +114,8 @@ def _calibrate_split(path: Path, log, split, model, cohort, **kw):
 
     res = calibrate(model, cohort, progress=progress, **kw)
     print()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         eqx.tree_serialise_leaves(fh, res)
-    os.replace(tmp, path)
     log("calibration", split=split, seconds=round(time.perf_counter() - t0, 2),
         converged=int(np.sum(np.asarray(res.converged))))
     return res
@@ -171,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     _setup_device(cfg)
     import jax
 
-    from hybrid_twin.calibrate import ErrorModel, calibrate, predict_with_intervals
+    from hybrid_twin.calibrate import ErrorModel, predict_with_intervals
     from hybrid_twin.models import get_model
     from hybrid_twin.population import fit_population
     from hybrid_twin.simulate import SolverOptions
@@ -185,7 +171,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
         raise ValueError(f"{run_dir} holds a run of a different config; resume it with the "
                          "same config or choose another --out")
     log = Log(run_dir / "log.jsonl")
-    _atomic_text(run_dir / "config.yaml", config_text)
+    atomic_write_text(run_dir / "config.yaml", config_text)
     wall = {}
     t = time.perf_counter()
     mechanistic = get_model(cfg.model.name)
@@ -216,7 +202,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
             model, parts["train"], free=free, error_model=em, n_rounds=cfg.population.max_rounds,
             options=options)
         em = res_train.error_model
-        _atomic_text(pop_file, json.dumps({"typical": typical.tolist(), "omega": omega.tolist(),
+        atomic_write_text(pop_file, json.dumps({"typical": typical.tolist(), "omega": omega.tolist(),
                                            "error_sd": [em.additive, em.proportional],
                                            "history": history}))
         log("population", rounds=len(history),
@@ -301,7 +287,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     w.writerow(["ID", "SPLIT", *model.param_names, *[f"SE_{n}" for n in model.param_names],
                 "CONVERGED"])
     w.writerows(prow)
-    _atomic_text(run_dir / "params.csv", buf.getvalue())
+    atomic_write_text(run_dir / "params.csv", buf.getvalue())
     if stop_after == "calibrate":
         log("done", stage="calibrate", run_dir=str(run_dir.resolve()))
         return run_dir
@@ -309,7 +295,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     w = csv.writer(buf)
     w.writerow(["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"])
     w.writerows(rows)
-    _atomic_text(run_dir / "predictions.csv", buf.getvalue())
+    atomic_write_text(run_dir / "predictions.csv", buf.getvalue())
 
     if cfg.output.plots:
         t = time.perf_counter()
@@ -331,7 +317,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
         "free": list(free), "error_model": [em.kind, em.additive, em.proportional],
         "condition_until": cond,
     }
-    _atomic_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(summary_table(metrics, model.observable_names))
     log("done", run_dir=str(run_dir.resolve()))
     return run_dir

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from .._atomic import atomic_open
 from ..models.base import MechanisticModel
 from ..schedule import Schedule
 from .cohort import Cohort
@@ -277,31 +277,25 @@ def write_event_table(cohort: Cohort, path: str | os.PathLike, model: Mechanisti
         "dt": cohort.schedule.dose_times, "da": cohort.schedule.dose_amounts,
         "dr": cohort.schedule.dose_rates, "dg": cohort.schedule.dose_targets,
         "dm": cohort.schedule.dose_mask}.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            for i, pid in enumerate(cohort.ids):
-                cov = [_fmt(v) if np.isfinite(v) else "" for v in arrays["cov"][i]]
-                recs = []
-                for j in np.flatnonzero(arrays["om"][i]):
-                    miss = bool(arrays["mi"][i, j])
-                    recs.append((arrays["ot"][i, j], 0, [
-                        pid, _fmt(arrays["ot"][i, j]), "0",
-                        "" if miss else _fmt(arrays["ov"][i, j]),
-                        cohort.observable_names[int(arrays["ok"][i, j])], "", "", "",
-                        "1" if miss else "0"]))
-                for j in np.flatnonzero(arrays["dm"][i]):
-                    recs.append((arrays["dt"][i, j], 1, [
-                        pid, _fmt(arrays["dt"][i, j]), "1", "", "", _fmt(arrays["da"][i, j]),
-                        _fmt(arrays["dr"][i, j]),
-                        model.dose_targets[int(arrays["dg"][i, j])].name, "1"]))
-                recs.sort(key=lambda r: (r[0], r[1]))
-                for _, _, rec in recs:
-                    w.writerow(rec + cov)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for i, pid in enumerate(cohort.ids):
+            cov = [_fmt(v) if np.isfinite(v) else "" for v in arrays["cov"][i]]
+            recs = []
+            for j in np.flatnonzero(arrays["om"][i]):
+                miss = bool(arrays["mi"][i, j])
+                recs.append((arrays["ot"][i, j], 0, [
+                    pid, _fmt(arrays["ot"][i, j]), "0",
+                    "" if miss else _fmt(arrays["ov"][i, j]),
+                    cohort.observable_names[int(arrays["ok"][i, j])], "", "", "",
+                    "1" if miss else "0"]))
+            for j in np.flatnonzero(arrays["dm"][i]):
+                recs.append((arrays["dt"][i, j], 1, [
+                    pid, _fmt(arrays["dt"][i, j]), "1", "", "", _fmt(arrays["da"][i, j]),
+                    _fmt(arrays["dr"][i, j]),
+                    model.dose_targets[int(arrays["dg"][i, j])].name, "1"]))
+            recs.sort(key=lambda r: (r[0], r[1]))
+            for _, _, rec in recs:
+                w.writerow(rec + cov)
+

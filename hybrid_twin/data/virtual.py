@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -262,8 +261,7 @@ def virtual_cohort(
         raise ValueError(f"virtual_cohort: simulation failed for {bad.size} patient(s), e.g. "
                          f"index {bad[:5].tolist()} (status {status[bad[:5]].tolist()}); "
                          "check the population bounds or the solver options")
-    all_obs = np.asarray(sol.observables(model, jnp.asarray(theta)))
-    pred = np.take_along_axis(all_obs, obs_k[..., None], axis=-1)[..., 0]
+    pred = np.asarray(sol.observed(model, jnp.asarray(theta), obs_k))
     values = noise.apply(pred, rng)
     m = obs_t.shape[1]
     cohort = Cohort(
