@@ -25,17 +25,20 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class LearnedConfig:
-    """A learned term: kind "state_correction" (adds to dy/dt of `states`) or
-    "term_closure" (replaces the flux `term`), from `features`."""
+    """A learned term from `features`: kind "state_correction" (adds to dy/dt of
+    `states`), "term_closure" (closes the flux `term`; `mode` replace | scale | add, see
+    `hybrid_twin.hybrid.TermClosure`) or "neural_ode" (the pure neural ODE baseline: no
+    mechanism, dy/dt of every state from the features, by default states and inputs)."""
 
     kind: str = "state_correction"
     states: list[str] = dataclasses.field(default_factory=list)
     term: str | None = None
+    mode: str = "replace"
     features: list[str] = dataclasses.field(default_factory=list)
     feature_scales: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     width: int = 16
     depth: int = 2
-    out_scale: float = 1.0
+    out_scale: float | list[float] = 1.0
     day_length: float | None = None
 
 
@@ -75,6 +78,7 @@ class NoiseConfig:
 @dataclasses.dataclass
 class VirtualConfig:
     n: int = 100
+    model: str | None = None
     seed: int = 0
     doses: list[DoseConfig] = dataclasses.field(default_factory=list)
     obs_every: float = 1.0
@@ -161,6 +165,7 @@ CHOICES = {
     "error_model.kind": ("additive", "proportional", "combined"),
     "calibration.backend": ("diffrax", "ensemble"),
 }
+LEARNED_KINDS = ("state_correction", "term_closure", "neural_ode")
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
             "calibration.rtol", "calibration.atol", "calibration.max_iter",
             "calibration.n_starts", "population.max_rounds", "training.epochs",
@@ -173,7 +178,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path)
+        for a in args[:-1]:
+            try:
+                return _convert(a, value, path)
+            except ConfigError:
+                pass
+        return _convert(args[-1], value, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
@@ -250,21 +260,49 @@ def _validate(cfg: ExperimentConfig) -> None:
         if name not in model.param_names:
             raise ConfigError(f"model.free[{i}]: {name!r} is not a parameter of "
                               f"{cfg.model.name} ({', '.join(model.param_names)})")
+    vmodel = cfg.data.virtual.model
+    if cfg.data.source == "virtual" and vmodel is not None:
+        if vmodel not in REGISTRY:
+            hint = difflib.get_close_matches(vmodel, REGISTRY, n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"data.virtual.model: unknown model {vmodel!r}{extra} "
+                              f"(available: {', '.join(REGISTRY)})")
+        truth = REGISTRY[vmodel]()
+        for what in ("observable_names", "dose_target_names", "input_names"):
+            if getattr(truth, what) != getattr(model, what):
+                raise ConfigError(
+                    f"data.virtual.model: {vmodel} cannot generate data for {cfg.model.name}: "
+                    f"{what.replace('_', ' ')} differ ({', '.join(getattr(truth, what))} vs "
+                    f"{', '.join(getattr(model, what))})")
     for i, d in enumerate(cfg.data.virtual.doses):
         if d.target not in model.dose_target_names:
             raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
                               f"target of {cfg.model.name} ({', '.join(model.dose_target_names)})")
     for i, lt in enumerate(cfg.model.learned):
         where = f"model.learned[{i}]"
-        if lt.kind not in ("state_correction", "term_closure"):
-            raise ConfigError(f"{where}.kind: {lt.kind!r} is not one of state_correction, "
-                              "term_closure")
+        if lt.kind not in LEARNED_KINDS:
+            raise ConfigError(f"{where}.kind: {lt.kind!r} is not one of "
+                              f"{', '.join(LEARNED_KINDS)}")
+        if lt.kind == "neural_ode" and len(cfg.model.learned) > 1:
+            raise ConfigError(f"{where}.kind: a neural_ode replaces the whole model and "
+                              "cannot be combined with other learned terms")
+        if lt.mode not in ("replace", "scale", "add"):
+            raise ConfigError(f"{where}.mode: {lt.mode!r} is not one of replace, scale, add")
         for j, st in enumerate(lt.states):
             if st not in model.state_names:
                 raise ConfigError(f"{where}.states[{j}]: {st!r} is not a state of "
                                   f"{cfg.model.name} ({', '.join(model.state_names)})")
-        if lt.kind == "term_closure" and not lt.term:
-            raise ConfigError(f"{where}.term: required for a term_closure")
+        if lt.kind == "term_closure":
+            if not lt.term:
+                raise ConfigError(f"{where}.term: required for a term_closure")
+            p = model.param_dict(model.typical_params())
+            terms = list(model.fluxes(0.0, model.initial_state(p), p,
+                                      {n: 0.0 for n in model.input_names}))
+            if lt.term not in terms:
+                hint = difflib.get_close_matches(lt.term, terms, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{where}.term: {lt.term!r} is not a term of "
+                                  f"{cfg.model.name}{extra} ({', '.join(terms)})")
         valid = (*model.state_names, *model.input_names, *model.param_names,
                  "time", "sin_day", "cos_day")
         for j, f in enumerate(lt.features):
@@ -301,11 +339,24 @@ def _apply_override(data: dict, item: str) -> None:
     value = yaml.safe_load(raw)
     parts = key.strip().split(".")
     node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
+
+    def index(node, p):
+        """A list item by position (model.learned.0.width) or a mapping's key."""
+        if isinstance(node, list):
+            if not (p.isdigit() and int(p) < len(node)):
+                raise ConfigError(f"--set {key}: {p!r} is not an index of a list of "
+                                  f"{len(node)} items")
+            return int(p)
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {p!r} is not a mapping")
-    node[parts[-1]] = value
+            raise ConfigError(f"--set {key}: the value before {p!r} is not a mapping")
+        return p
+
+    for p in parts[:-1]:
+        i = index(node, p)
+        if isinstance(node, dict) and i not in node:
+            node[i] = {}
+        node = node[i]
+    node[index(node, parts[-1])] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -102,12 +102,34 @@ class StateCorrection(eqx.Module):
     features: tuple[str, ...] = eqx.field(static=True)
 
 
+CLOSURE_MODES = ("replace", "scale", "add")
+
+
 class TermClosure(eqx.Module):
-    """Replaces the mechanistic flux `term` by g_phi(features)."""
+    """Closure of the mechanistic flux `term` (value F) by g = g_phi(features).
+
+    mode "replace": F -> g; "scale": F -> F * (1 + g) (a learned relative modulation of
+    the term, e.g. a time-of-day change of insulin sensitivity); "add": F -> F + g.
+    A zero-initialised network leaves the term as it is in "scale" and "add" modes.
+    """
 
     net: ScaledMLP
     term: str = eqx.field(static=True)
     features: tuple[str, ...] = eqx.field(static=True)
+    mode: str = eqx.field(static=True, default="replace")
+
+    def __check_init__(self):
+        if self.mode not in CLOSURE_MODES:
+            raise ValueError(f"TermClosure mode must be one of {CLOSURE_MODES}, "
+                             f"got {self.mode!r}")
+
+    def apply(self, flux: Any, g: Any) -> Any:
+        """The closed term from the mechanistic value `flux` and the network output `g`."""
+        if self.mode == "scale":
+            return flux * (1.0 + g)
+        if self.mode == "add":
+            return flux + g
+        return g
 
 
 class CovariateNetwork(eqx.Module):
@@ -192,7 +214,7 @@ class HybridModel(MechanisticModel):
                     raise KeyError(f"TermClosure replaces unknown term {c.term!r}; terms of "
                                    f"{type(self.mechanistic).__name__}: {', '.join(flux)}")
                 x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
-                flux[c.term] = c.net(x)[..., 0]
+                flux[c.term] = c.apply(flux[c.term], c.net(x)[..., 0])
         return flux
 
     def derivatives(self, y, p, u, flux):
@@ -258,12 +280,14 @@ def state_correction(model: MechanisticModel, states: Sequence[str], features: S
 def term_closure(model: MechanisticModel, term: str, features: Sequence[str], *,
                  key: jax.Array, width: int = 32, depth: int = 2,
                  feature_scales: Mapping[str, tuple[float, float]] | None = None,
-                 out_scale: float = 1.0) -> TermClosure:
-    """A zero-initialised network that replaces the flux `term` of `model`."""
+                 out_scale: float = 1.0, mode: str = "replace") -> TermClosure:
+    """A zero-initialised network closing the flux `term` of `model` (see `TermClosure`
+    for `mode`; `out_scale` is the typical size of g: the term's unit for "replace" and
+    "add", dimensionless for "scale")."""
     shift, scale = _scales(model, features, feature_scales)
     net = ScaledMLP(len(features), 1, width=width, depth=depth, key=key, in_shift=shift,
                     in_scale=scale, out_scale=out_scale)
-    return TermClosure(net, term, tuple(features))
+    return TermClosure(net, term, tuple(features), mode)
 
 
 def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, depth: int = 2,

@@ -51,3 +51,26 @@ def test_set_overrides_nested_keys():
     assert cfg.data.virtual.noise.additive_sd == 2.5
     assert cfg.evaluation.condition_until == 600.0
     assert cfg.output.plots is False
+
+
+def test_learned_terms_and_truth_model_are_checked():
+    cfg = load_config("configs/glucose_hybrid.yaml")
+    assert cfg.model.learned[0].mode == "scale"
+    assert cfg.data.virtual.model == "glucose.BergmanCircadian"
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].term: 'insulin_actoin_gain' is not a "
+                                          r"term of glucose.BergmanMinimal; did you mean "
+                                          r"'insulin_action_gain'\?"):
+        load_config("configs/glucose_hybrid.yaml", ["model.learned.0.term=insulin_actoin_gain"])
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].mode: 'times' is not one of"):
+        load_config("configs/glucose_hybrid.yaml", ["model.learned.0.mode=times"])
+    with pytest.raises(ConfigError, match=r"data.virtual.model: pkpd.OneCompartment cannot "
+                                          r"generate data for glucose.BergmanMinimal"):
+        load_config("configs/glucose_hybrid.yaml", ["data.virtual.model=pkpd.OneCompartment"])
+    with pytest.raises(ConfigError, match=r"data.virtual.model: unknown model"):
+        load_config("configs/glucose_hybrid.yaml", ["data.virtual.model=glucose.Circadian"])
+    node = load_config("configs/glucose_hybrid.yaml", [
+        "model.learned=[{kind: neural_ode, out_scale: [1.0, 0.0001, 0.5, 2.0, 0.02]}]"])
+    assert node.model.learned[0].out_scale == [1.0, 0.0001, 0.5, 2.0, 0.02]
+    with pytest.raises(ConfigError, match=r"model.learned\[1\].kind: a neural_ode replaces"):
+        load_config("configs/glucose_hybrid.yaml", [
+            "model.learned=[{kind: state_correction, states: [G]}, {kind: neural_ode}]"])

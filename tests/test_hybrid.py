@@ -89,6 +89,46 @@ def test_closure_replaces_the_named_term():
         simulate(HybridModel(mech, (), (bad,)), theta, sched, ts)
 
 
+class Constant(eqx.Module):
+    """A 'network' with a constant output."""
+
+    value: float
+
+    def __call__(self, x):
+        return jnp.full(x.shape[:-1] + (1,), self.value)
+
+
+def test_scale_and_add_closures_modulate_the_term():
+    """scale: F -> F (1 + g); add: F -> F + g. A constant g = 0.25 scaling elimination is
+    the mechanistic model with CL * 1.25; fresh networks leave the term unchanged."""
+    mech = OneCompartment()
+    theta = mech.typical_params()
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(0.0, 24.0, 25)
+    scale = term_closure(mech, "elimination", ("time",), key=jax.random.PRNGKey(0),
+                         mode="scale")
+    add = term_closure(mech, "elimination", ("time",), key=jax.random.PRNGKey(0), mode="add")
+    ref = simulate(mech, theta, sched, ts, options=OPTS).ys
+    for fresh in (scale, add):
+        ys = simulate(HybridModel(mech, (), (fresh,)), theta, sched, ts, options=OPTS).ys
+        np.testing.assert_allclose(np.asarray(ys), np.asarray(ref), rtol=1e-12, atol=1e-12)
+    faster = mech.typical_params(CL=1.25 * float(theta[mech.index("param", "CL")]))
+    want = simulate(mech, faster, sched, ts, options=OPTS).ys
+    scaled = eqx.tree_at(lambda c: c.net, scale, Constant(0.25))
+    got = simulate(HybridModel(mech, (), (scaled,)), theta, sched, ts, options=OPTS).ys
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9, atol=1e-9)
+    # add a constant 2 mg/h of elimination: the central difference d obeys
+    # d' = -k d - 2, so d(t) = -(2 / k)(1 - exp(-k t)) with k = CL / V
+    added = eqx.tree_at(lambda c: c.net, add, Constant(2.0))
+    got = simulate(HybridModel(mech, (), (added,)), theta, sched, ts, options=OPTS).ys
+    k = float(theta[mech.index("param", "CL")] / theta[mech.index("param", "V")])
+    np.testing.assert_allclose(np.asarray(got)[:, 1] - np.asarray(ref)[:, 1],
+                               -(2.0 / k) * (1 - np.exp(-k * np.asarray(ts))), rtol=1e-8,
+                               atol=1e-8)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        term_closure(mech, "elimination", ("time",), key=jax.random.PRNGKey(0), mode="times")
+
+
 def test_gradient_with_respect_to_network_weights():
     mech = OneCompartment()
     corr = state_correction(mech, ("central",), ("central", "time"), key=jax.random.PRNGKey(2),

@@ -47,13 +47,17 @@ def build_model(cfg: ExperimentConfig, mechanistic):
         return mechanistic
     import jax
 
-    from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
+    from hybrid_twin.hybrid import HybridModel, neural_ode, state_correction, term_closure
 
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), len(cfg.model.learned))
     corrections, closures = [], []
     day = cfg.model.learned[0].day_length or (1440.0 if mechanistic.time_unit == "min" else 24.0)
     for key, lt in zip(keys, cfg.model.learned):
         scales = {k: tuple(v) for k, v in lt.feature_scales.items()}
+        if lt.kind == "neural_ode":
+            return neural_ode(mechanistic, key=key, width=lt.width, depth=lt.depth,
+                              features=lt.features or None, feature_scales=scales,
+                              out_scale=lt.out_scale, day_length=day)
         if lt.kind == "state_correction":
             corrections.append(state_correction(
                 mechanistic, lt.states, lt.features, key=key, width=lt.width, depth=lt.depth,
@@ -61,8 +65,29 @@ def build_model(cfg: ExperimentConfig, mechanistic):
         else:
             closures.append(term_closure(
                 mechanistic, lt.term, lt.features, key=key, width=lt.width, depth=lt.depth,
-                feature_scales=scales, out_scale=lt.out_scale))
+                feature_scales=scales, out_scale=lt.out_scale, mode=lt.mode))
     return HybridModel(mechanistic, tuple(corrections), tuple(closures), day_length=day)
+
+
+def load_trained_model(run_dir: str | os.PathLike):
+    """The trained (hybrid) model of a run directory: its `config.yaml` rebuilt and the
+    learned weights read from `model.eqx` (written when training ends)."""
+    import equinox as eqx
+
+    from hybrid_twin.config import load_config
+    from hybrid_twin.models import get_model
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    _setup_device(cfg)
+    skeleton = build_model(cfg, get_model(cfg.model.name))
+    if not cfg.model.learned:
+        return skeleton
+    path = run_dir / "model.eqx"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model (has the run finished training?)")
+    with open(path, "rb") as fh:
+        return eqx.tree_deserialise_leaves(fh, skeleton)
 
 
 def build_cohort(cfg: ExperimentConfig, model):
@@ -176,7 +201,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     t = time.perf_counter()
     mechanistic = get_model(cfg.model.name)
     model = build_model(cfg, mechanistic)
-    cohort, truth = build_cohort(cfg, mechanistic)
+    truth_model = (get_model(cfg.data.virtual.model)
+                   if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
+    cohort, truth = build_cohort(cfg, truth_model)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     wall["data_s"] = time.perf_counter() - t
@@ -229,6 +256,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
             patience=cfg.training.patience, val_condition_until=cfg.evaluation.condition_until,
             seed=cfg.seed, checkpoint_dir=ckpt / "training", on_epoch_end=on_epoch)
         wall["training_s"] = time.perf_counter() - t
+        import equinox as eqx
+
+        with atomic_open(run_dir / "model.eqx", "wb") as fh:
+            eqx.tree_serialise_leaves(fh, model)
         if cfg.output.plots and history:
             from training.plots import write_training_curves
 

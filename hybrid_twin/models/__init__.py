@@ -10,11 +10,12 @@ from .base import (
     State,
     lognormal_cv,
 )
-from .glucose import BergmanMinimal
+from .glucose import BergmanCircadian, BergmanMinimal
 from .pkpd import OneCompartment, TwoCompartment
 
 REGISTRY: dict[str, type[MechanisticModel]] = {
     "glucose.BergmanMinimal": BergmanMinimal,
+    "glucose.BergmanCircadian": BergmanCircadian,
     "pkpd.OneCompartment": OneCompartment,
     "pkpd.TwoCompartment": TwoCompartment,
 }
@@ -32,7 +33,7 @@ def get_model(name: str) -> MechanisticModel:
 
 
 __all__ = [
-    "BergmanMinimal", "DoseTarget", "InputChannel", "MechanisticModel", "Observable",
+    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "InputChannel", "MechanisticModel", "Observable",
     "OneCompartment", "Parameter", "REGISTRY", "State", "TwoCompartment", "get_model",
     "glucose", "lognormal_cv", "pkpd",
 ]

@@ -16,7 +16,10 @@ At t = 0 the model is at its basal steady state (G, X, I, Q_gut, S_sc) = (Gb, 0,
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
+
+import jax.numpy as jnp
 
 from .base import (
     DoseTarget,
@@ -116,3 +119,33 @@ class BergmanMinimal(MechanisticModel):
             -flux["gut_absorption"] + u["carb_rate"],
             -flux["sc_absorption"],
         )
+
+
+_HINSHAW = ("Hinshaw et al. (2013) Diabetes 62:2223-2229 (insulin sensitivity lowest at "
+            "breakfast, highest at dinner in type 1 diabetes); amplitude illustrative")
+
+
+class BergmanCircadian(BergmanMinimal):
+    """`BergmanMinimal` with a time-of-day modulation of insulin sensitivity.
+
+        dX/dt = -p2 X + p3 s(t) (I - Ib),   s(t) = 1 - a_si cos(2 pi (t - t_si) / 1440)
+
+    with t in minutes since midnight: sensitivity is lowest at clock time `t_si` (min) and
+    highest twelve hours later. `a_si = 0` is the minimal model. At basal insulin the
+    modulation has no effect, so the basal steady state is unchanged. Used as the truth of
+    virtual cohorts with an effect the minimal model lacks (hybrid-model benchmarks).
+    """
+
+    reference: ClassVar[str] = BergmanMinimal.reference + "; " + _HINSHAW
+    parameters: ClassVar[tuple[Parameter, ...]] = BergmanMinimal.parameters + (
+        Parameter("a_si", "1", 0.4, _HINSHAW, 0.0, 0.95, transform="identity",
+                  description="relative amplitude of the daily insulin-sensitivity cycle"),
+        Parameter("t_si", "min", 420.0, _HINSHAW, 0.0, 1440.0, transform="identity",
+                  description="clock time of lowest insulin sensitivity (minutes after midnight)"),
+    )
+
+    def fluxes(self, t, y, p, u):
+        flux = super().fluxes(t, y, p, u)
+        s = 1.0 - p["a_si"] * jnp.cos(2.0 * math.pi * (t - p["t_si"]) / 1440.0)
+        flux["insulin_action_gain"] = flux["insulin_action_gain"] * s
+        return flux
