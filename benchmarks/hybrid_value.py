@@ -33,9 +33,9 @@ from hybrid_twin.config import load_config
 
 NODE = [
     "model.free=[Gb]",
-    "model.learned=[{kind: neural_ode, features: [G, X, I, Q_gut, S_sc, sin_day, cos_day], "
-    "feature_scales: {G: [100.0, 50.0], X: [0.0, 0.01], I: [15.0, 20.0], Q_gut: [0.0, 50.0], "
-    "S_sc: [0.0, 1.0]}, width: 32, depth: 2, out_scale: [1.0, 0.0001, 0.5, 2.0, 0.02]}]",
+    ("model.learned=[{kind: neural_ode, features: [G, X, I, Q_gut, S_sc, sin_day, cos_day], "
+     "feature_scales: {G: [100.0, 50.0], X: [0.0, 0.01], I: [15.0, 20.0], Q_gut: [0.0, 50.0], "
+     "S_sc: [0.0, 1.0]}, width: 32, depth: 2, out_scale: [1.0, 0.0001, 0.5, 2.0, 0.02]}]"),
 ]
 
 

@@ -47,7 +47,12 @@ def build_model(cfg: ExperimentConfig, mechanistic):
         return mechanistic
     import jax
 
-    from hybrid_twin.hybrid import HybridModel, neural_ode, state_correction, term_closure
+    from hybrid_twin.hybrid import (
+        HybridModel,
+        neural_ode,
+        state_correction,
+        term_closure,
+    )
 
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), len(cfg.model.learned))
     corrections, closures = [], []
@@ -93,7 +98,12 @@ def load_trained_model(run_dir: str | os.PathLike):
 def build_cohort(cfg: ExperimentConfig, model):
     """The configured data as a Cohort."""
     from hybrid_twin.data import read_cohort_h5, read_event_table
-    from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
+    from hybrid_twin.data.virtual import (
+        DoseSpec,
+        NoiseModel,
+        ScheduleSpec,
+        virtual_cohort,
+    )
 
     if cfg.data.source == "csv":
         return read_event_table(cfg.data.path, model), None
@@ -203,7 +213,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     model = build_model(cfg, mechanistic)
     truth_model = (get_model(cfg.data.virtual.model)
                    if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
-    cohort, truth = build_cohort(cfg, truth_model)
+    cohort, _ = build_cohort(cfg, truth_model)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     wall["data_s"] = time.perf_counter() - t
