@@ -20,6 +20,7 @@ whose solve fails is flagged in `Solution.status` and leaves the others untouche
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Any
 
 import diffrax
@@ -32,9 +33,10 @@ import numpy as np
 from .models.base import MechanisticModel, as_components
 from .schedule import Schedule, bad_padded_times
 
-METHODS = ("tsit5", "dopri5", "kvaerno5")
+METHODS = ("tsit5", "dopri5", "kvaerno5", "rk4")
 ADJOINTS = ("checkpoint", "forward")
-BACKENDS = ("diffrax", "ensemble")
+BACKENDS = ("diffrax", "ensemble", "kernel", "auto")
+logger = logging.getLogger("hybrid_twin")
 
 
 class Status(enum.IntEnum):
@@ -50,7 +52,8 @@ class SolverOptions(eqx.Module):
     """How to integrate. All fields are static (changing one recompiles).
 
     Attributes:
-        method: "tsit5" (non-stiff, default), "dopri5", or "kvaerno5" (stiff, implicit).
+        method: "tsit5" (non-stiff, default), "dopri5", "kvaerno5" (stiff, implicit), or
+            "rk4" (classic fixed-step Runge–Kutta with step `dt0`; kernel backend only).
         rtol, atol: tolerances of the adaptive step-size controller.
         dtmax: largest step in the model's time unit, or "obs" to cap it at each
             patient's median observation spacing. The cap keeps parameter sensitivities
@@ -67,6 +70,12 @@ class SolverOptions(eqx.Module):
             mode) or "ensemble" (one batch-native adaptive Tsit5/Dopri5 loop that steps
             exactly onto every event and observation; forward-mode autodiff only;
             `max_steps` is then the per-patient total). See `hybrid_twin/_ensemble.py`.
+            "kernel": the whole cohort in one fused Pallas kernel (Triton on GPU, interpret
+            mode on CPU) with forward sensitivities inside; `jax.jvp`/`jacfwd`/`grad`
+            with respect to the parameters; rk4, tsit5, dopri5; `max_steps` per patient
+            in total. See `hybrid_twin/_kernel.py`. "auto": the kernel on a GPU when the
+            method allows it, otherwise diffrax (the reason is logged).
+        dt0: fixed step of "rk4" (model time unit); steps are shortened to land on events.
     """
 
     method: str = eqx.field(static=True, default="tsit5")
@@ -77,6 +86,7 @@ class SolverOptions(eqx.Module):
     adjoint: str = eqx.field(static=True, default="checkpoint")
     save_chunk: int = eqx.field(static=True, default=16)
     backend: str = eqx.field(static=True, default="diffrax")
+    dt0: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,9 +106,36 @@ class SolverOptions(eqx.Module):
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"SolverOptions.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "ensemble" and self.method == "kvaerno5":
-            raise ValueError("SolverOptions: the ensemble backend runs explicit methods only "
-                             "(tsit5, dopri5); use backend='diffrax' for kvaerno5")
+        if self.backend == "ensemble" and self.method in ("kvaerno5", "rk4"):
+            raise ValueError("SolverOptions: the ensemble backend runs tsit5 and dopri5 "
+                             f"only; use backend='diffrax' for {self.method}"
+                             if self.method == "kvaerno5" else
+                             "SolverOptions: the ensemble backend runs tsit5 and dopri5 "
+                             "only; use backend='kernel' for rk4")
+        if self.backend == "kernel" and self.method == "kvaerno5":
+            raise ValueError("SolverOptions: the kernel backend runs explicit methods only "
+                             "(rk4, tsit5, dopri5); use backend='diffrax' for kvaerno5")
+        if self.method == "rk4" and self.backend in ("diffrax", "ensemble"):
+            raise ValueError("SolverOptions: method 'rk4' runs on the kernel backend only")
+        if self.method == "rk4" and not (self.dt0 and self.dt0 > 0):
+            raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 > 0")
+
+    def resolved(self) -> SolverOptions:
+        """The options with backend "auto" resolved for the default JAX device."""
+        if self.backend != "auto":
+            return self
+        import dataclasses
+
+        if self.method == "kvaerno5":
+            logger.info("backend auto: diffrax (the kernel runs explicit methods only)")
+            return dataclasses.replace(self, backend="diffrax")
+        if jax.default_backend() != "gpu":
+            if self.method == "rk4":
+                logger.info("backend auto: kernel in interpret mode (rk4 needs the kernel)")
+                return dataclasses.replace(self, backend="kernel")
+            logger.info("backend auto: diffrax (no GPU; the kernel would run interpreted)")
+            return dataclasses.replace(self, backend="diffrax")
+        return dataclasses.replace(self, backend="kernel")
 
     def solver(self) -> diffrax.AbstractSolver:
         return {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5,
@@ -320,8 +357,9 @@ def _solve_one(
 
 @eqx.filter_jit
 def _simulate_compiled(model, params, schedule, save_ts, save_mask, t0, opts, has_inf):
-    if opts.backend == "ensemble":
+    if opts.backend in ("ensemble", "kernel"):
         from ._ensemble import solve_ensemble
+        from ._kernel import solve_kernel
 
         single = params.ndim == 1
         theta = params[None] if single else params
@@ -331,7 +369,8 @@ def _simulate_compiled(model, params, schedule, save_ts, save_mask, t0, opts, ha
         if save_ts.ndim == 1:
             save_ts = jnp.broadcast_to(save_ts, (n,) + save_ts.shape)
             save_mask = jnp.broadcast_to(save_mask, (n,) + save_mask.shape)
-        ts, ys, status, steps = solve_ensemble(
+        solve = solve_ensemble if opts.backend == "ensemble" else solve_kernel
+        ts, ys, status, steps = solve(
             model, theta, schedule, save_ts, save_mask, t0, opts, has_inf)
         sol = Solution(ts=ts, ys=ys, mask=save_mask, status=status, num_steps=steps)
         return jax.tree.map(lambda x: x[0], sol) if single else sol
@@ -376,7 +415,7 @@ def simulate(
     Differentiable with respect to `params` (`jax.grad` with the default adjoint,
     `jax.jacfwd` with `SolverOptions(adjoint="forward")`); jit-compiled.
     """
-    options = options or SolverOptions()
+    options = (options or SolverOptions()).resolved()
     params = jnp.asarray(params)
     if not jnp.issubdtype(params.dtype, jnp.floating):
         params = params.astype(jnp.result_type(float))

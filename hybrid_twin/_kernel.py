@@ -1,0 +1,563 @@
+"""The "kernel" backend of `simulate`: a whole cohort's solve in one Pallas kernel.
+
+The model's own vector field (mechanistic part and learned terms) is traced into one
+`pallas_call`. Patients lie along the last axis; each program takes a block of `B`
+patients and runs the whole time loop inside the kernel, with states, parameters and
+sensitivities as `(B,)` vectors (one lane per patient) and the network weights loaded once
+per program.
+
+Events. Each patient's observation times, bolus doses, infusion starts and stops and input
+breakpoints are merged into one sorted, padded event list (`_ensemble._events_one`, the
+same ordering as the ensemble backend: an observation at a dose time sees the state
+before the dose). The kernel loops over the event *index* e: in iteration e every lane
+integrates from its current time to its own e-th event time (an inner loop of Runge–Kutta
+steps, each lane with its own step size, finished lanes masked), then writes output row e
+and applies its jump. So all lanes write the same row in the same iteration while each
+integrates to its own time, no step straddles a discontinuity, and infusion rates and
+inputs are constant (or, with linear interpolation, linear) over each step's segment; they
+are precomputed per segment outside the kernel.
+
+Methods: fixed-step "rk4" (`SolverOptions.dt0`, steps shortened to land on events) and the
+adaptive pairs "tsit5" and "dopri5" (diffrax's tableaus) with the same step-size control,
+tolerances, step limit (per patient, in total) and `Status` codes as the ensemble backend.
+
+Forward sensitivities. With K parameter directions, d state / d direction is integrated
+with the state (one `jax.jvp` of the vector field per direction per stage) and is part of
+the adaptive error norm, which keeps steady-state sensitivities resolved (DESIGN.md,
+numerical pitfalls). They serve two ways: `normal_equations` accumulates each patient's
+weighted JᵀJ, Jᵀr and residual sum of squares at its observations inside the kernel (the
+Jacobian is never stored), which Levenberg–Marquardt calibration uses; and `solve_kernel`
+is a `jax.custom_jvp` in the parameters, so `jax.jacfwd` and `jax.grad` of `simulate` work
+(derivatives with respect to network weights, schedules or times are refused).
+
+On CPU the kernel runs in Pallas interpret mode (how CI tests it); on GPU it is lowered
+through Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, _events_one
+from .models.base import MechanisticModel
+
+KERNEL_METHODS = ("rk4", "tsit5", "dopri5")
+
+
+def _tableau(method: str):
+    """(c, a_lower, b_sol, b_error or None) of an explicit Runge–Kutta method."""
+    if method == "rk4":
+        return (np.array([0.5, 0.5, 1.0]),
+                [np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])],
+                np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]), None)
+    tab = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}[method].tableau
+    return (np.asarray(tab.c), [np.asarray(a) for a in tab.a_lower], np.asarray(tab.b_sol),
+            np.asarray(tab.b_error))
+
+
+def interpret_default() -> bool:
+    """Interpret mode unless the default JAX backend is a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+class Prepared(eqx.Module):
+    """Per-patient event arrays, patients on the last axis (E events, S states, C inputs).
+
+    ts (N, M) save times as solved; t_ev, t_prev (E, N): each event's time and the start
+    of the segment before it; jump (E, S, N): bolus added after event e; rate (E, S, N)
+    infusion rate on the segment ending at e (None without infusions); u_a, u_slope
+    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_prev) u_slope (None without
+    inputs); kind, obs (E, N): event kind and save slot; pos (N, M): the event index of
+    each save slot.
+    """
+
+    ts: jax.Array
+    t_ev: jax.Array
+    t_prev: jax.Array
+    jump: jax.Array
+    rate: jax.Array | None
+    u_a: jax.Array | None
+    u_slope: jax.Array | None
+    kind: jax.Array
+    obs: jax.Array
+    pos: jax.Array
+
+
+def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: bool,
+            dtype) -> Prepared:
+    """Merged event lists and per-segment infusion rates and inputs for a batch."""
+    from .simulate import _dose_routing
+
+    n, m = save_ts.shape
+    s = model.n_states
+    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
+    ts = jnp.maximum(ts, t0)
+    t_end = jnp.maximum(ts[:, -1], t0)
+    tgt_state, tgt_scale = _dose_routing(model)
+    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
+    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
+    ev_t, kind, obs, ev_jump, ev_state, _ = jax.vmap(
+        lambda sc, st, sm, te, ds, dsc: _events_one(sc, st, sm, t0, te, ds, dsc, has_inf, dtype)
+    )(sched, ts, save_mask, t_end, d_state, d_scale)
+    e = ev_t.shape[1]
+    t_prev = jnp.concatenate([jnp.full((n, 1), t0, dtype), ev_t[:, :-1]], axis=1)
+    jump = jax.nn.one_hot(ev_state, s, dtype=dtype) * ev_jump[..., None]
+    mid = 0.5 * (t_prev + ev_t)
+    rate = None
+    if has_inf:
+        is_inf = sched.dose_mask & (sched.dose_rates > 0)
+        stop = sched.dose_times + jnp.where(
+            is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
+        active = (is_inf[:, None, :] & (sched.dose_times[:, None, :] <= mid[..., None])
+                  & (mid[..., None] < stop[:, None, :]))
+        r = jnp.where(active, (sched.dose_rates * d_scale)[:, None, :], 0).astype(dtype)
+        rate = jnp.einsum("ned,nds->nes", r, jax.nn.one_hot(d_state, s, dtype=dtype))
+    u_a = u_slope = None
+    n_in, n_k = len(model.inputs), sched.input_times.shape[1]
+    if n_in:
+        if n_k == 0:
+            u_a = u_slope = jnp.zeros((n, e, n_in), dtype)
+        elif sched.interpolation == "linear":
+            rows = jnp.arange(n)
+            last = jnp.maximum(jnp.sum(sched.input_mask, axis=1) - 1, 0)
+            it = jnp.where(sched.input_mask, sched.input_times,
+                           sched.input_times[rows, last][:, None])
+            iv = jnp.where(sched.input_mask[..., None], sched.input_values,
+                           sched.input_values[rows, last][:, None, :])
+
+            def interp(tq):
+                return jax.vmap(lambda t_, x_, v_: jnp.stack(
+                    [jnp.interp(t_, x_, v_[:, c]) for c in range(n_in)], -1))(tq, it, iv)
+
+            u_a, u_b = interp(t_prev), interp(ev_t)
+            dt = (ev_t - t_prev)[..., None]
+            u_slope = jnp.where(dt > 0, (u_b - u_a) / jnp.where(dt > 0, dt, 1), 0)
+        else:
+            started = sched.input_mask[:, None, :] & (sched.input_times[:, None, :]
+                                                      <= mid[..., None])
+            i = jnp.maximum(jnp.sum(started, axis=2) - 1, 0)
+            vals = jnp.take_along_axis(sched.input_values, i[..., None], axis=1)
+            u_a = jnp.where(jnp.any(started, axis=2)[..., None], vals, 0)
+            u_slope = jnp.zeros_like(u_a)
+        u_a, u_slope = u_a.astype(dtype), u_slope.astype(dtype)
+    pos = jax.vmap(lambda k, o: jnp.zeros((m,), jnp.int32).at[
+        jnp.where(k == EV_OBS, o, m)].set(jnp.arange(e, dtype=jnp.int32), mode="drop"))(kind, obs)
+
+    def last(x):
+        return None if x is None else jnp.moveaxis(x, 0, -1)
+
+    return Prepared(ts=ts, t_ev=last(ev_t), t_prev=last(t_prev), jump=last(jump),
+                    rate=last(rate), u_a=last(u_a), u_slope=last(u_slope), kind=last(kind),
+                    obs=last(obs), pos=pos)
+
+
+def _pick(values, index, n_choices):
+    """Select values[index] lane by lane from a list of (B,) vectors."""
+    out = values[0]
+    for j in range(1, n_choices):
+        out = jnp.where(index == j, values[j], out)
+    return out
+
+
+def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, *,
+               directions: jax.Array | None = None, data: tuple | None = None,
+               want_states: bool = True, want_sens: bool = False,
+               block: int | None = None, interpret: bool | None = None) -> dict[str, Any]:
+    """Run the fused solve.
+
+    Args:
+        model: the (hybrid) model; its array leaves are kernel inputs.
+        theta: (N, P) natural-unit parameters.
+        prep: `prepare(...)` of the same batch.
+        opts: `SolverOptions` (method rk4 | tsit5 | dopri5, rtol, atol, dt0, dtmax,
+            max_steps).
+        directions: (K, N, P) parameter tangents d theta / d direction (e.g. unit
+            vectors, or d theta / d z of free parameters); None: no sensitivities.
+        data: (y (E, N), weight (E, N), observable index (E, N)) per event, weight 0 where
+            nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
+            for r = (y - f) * weight, J = dr / d direction.
+        want_states, want_sens: return states (N, E, S) / sensitivities (N, E, K, S).
+        block: patients per program (default 128 on GPU, the whole batch rounded up to a
+            power of two, at most 1024, in interpret mode).
+
+    Returns a dict with "status", "steps" (N,) and as requested "states", "sens", "H"
+    (N, K, K), "g" (N, K), "cost" (N,).
+    """
+    interpret = interpret_default() if interpret is None else interpret
+    dtype = theta.dtype
+    n, p_dim = theta.shape
+    s_dim = model.n_states
+    e_dim = prep.t_ev.shape[0]
+    k_dim = 0 if directions is None else directions.shape[0]
+    n_obs_kinds = len(model.observables)
+    if block is None:
+        block = 128 if not interpret else min(1024, max(8, 1 << (n - 1).bit_length()))
+    n_pad = -(-n // block) * block
+    method = opts.method
+    c_nodes, a_lower, b_sol, b_err = _tableau(method)
+    adaptive = b_err is not None
+    if not adaptive and not opts.dt0:
+        raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 (model time unit)")
+    dtmax = opts.dtmax if isinstance(opts.dtmax, (int, float)) else None
+    input_names = model.input_names
+    n_in = len(input_names)
+    has_rate = prep.rate is not None
+    param_names = model.param_names
+    observables = model.observables
+    arrays, static = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(arrays)
+
+    def pad(x):
+        x = jnp.asarray(x)
+        if n_pad == n:
+            return x
+        widths = [(0, 0)] * (x.ndim - 1) + [(0, n_pad - n)]
+        return jnp.pad(x, widths, mode="edge")
+
+    ins, specs = [], []
+
+    def add(x, lanes=True):
+        x = pad(x) if lanes else jnp.asarray(x)
+        shape = x.shape[:-1] + (block,) if lanes else x.shape
+        nd = x.ndim
+        if lanes:
+            specs.append(pl.BlockSpec(shape, lambda i, nd=nd: (0,) * (nd - 1) + (i,)))
+        else:
+            specs.append(pl.BlockSpec(shape, lambda i, nd=nd: (0,) * nd))
+        ins.append(x)
+
+    add(theta.T)
+    add(prep.t_ev)
+    add(prep.t_prev)
+    add(prep.jump)
+    if has_rate:
+        add(prep.rate)
+    if n_in:
+        add(prep.u_a)
+        add(prep.u_slope)
+    if k_dim:
+        add(jnp.moveaxis(directions, 1, -1))  # (K, P, N)
+    if data is not None:
+        for x in data:
+            add(x)
+    for leaf in leaves:
+        add(leaf if jnp.ndim(leaf) else jnp.reshape(leaf, (1,)), lanes=False)
+    scalar_leaf = [jnp.ndim(leaf) == 0 for leaf in leaves]
+
+    outs = []
+
+    def out(shape, dt):
+        outs.append((jax.ShapeDtypeStruct(shape + (n_pad,), dt),
+                     pl.BlockSpec(shape + (block,),
+                                  lambda i, nd=len(shape): (0,) * nd + (i,))))
+
+    if want_states:
+        out((e_dim, s_dim), dtype)
+    if want_sens:
+        out((e_dim, k_dim * s_dim), dtype)
+    if data is not None:
+        out((max(k_dim, 1) * max(k_dim, 1),), dtype)
+        out((max(k_dim, 1),), dtype)
+        out((1,), dtype)
+    out((1,), jnp.int32)
+    out((1,), jnp.int32)
+
+    n_y = s_dim * (1 + k_dim)
+
+    def kernel(*refs):
+        it = iter(refs)
+        theta_ref, tev_ref, tprev_ref, jump_ref = next(it), next(it), next(it), next(it)
+        rate_ref = next(it) if has_rate else None
+        ua_ref, us_ref = (next(it), next(it)) if n_in else (None, None)
+        dir_ref = next(it) if k_dim else None
+        yobs_ref, w_ref, kobs_ref = (next(it), next(it), next(it)) if data is not None else (
+            None, None, None)
+        w_refs = [next(it) for _ in leaves]
+        states_ref = next(it) if want_states else None
+        sens_ref = next(it) if want_sens else None
+        h_ref, g_ref, cost_ref = (next(it), next(it), next(it)) if data is not None else (
+            None, None, None)
+        status_ref, steps_ref = next(it), next(it)
+
+        weights = [r[...][0] if sc else r[...] for r, sc in zip(w_refs, scalar_leaf)]
+        m = eqx.combine(jax.tree.unflatten(treedef, weights), static)
+        th = theta_ref[...]
+        p = {name: th[i] for i, name in enumerate(param_names)}
+        if k_dim:
+            dirs = dir_ref[...]
+            dps = [{name: dirs[k, i] for i, name in enumerate(param_names)}
+                   for k in range(k_dim)]
+        else:
+            dps = []
+        zero = jnp.zeros((block,), dtype)
+
+        def lanes(c):
+            return tuple(jnp.broadcast_to(jnp.asarray(x, dtype), (block,)) for x in c)
+
+        y0 = lanes(m.initial_state(p))
+        s0 = [lanes(jax.jvp(m.initial_state, (p,), (dp,))[1]) for dp in dps]
+
+        def field(t, flat, u, rate):
+            y = tuple(flat[:s_dim])
+            dy = lanes(m.vector_field(t, y, p, u))
+            dy = [d + r for d, r in zip(dy, rate)]
+            res = list(dy)
+            for k, dp in enumerate(dps):
+                sk = tuple(flat[s_dim * (k + 1): s_dim * (k + 2)])
+                _, ds = jax.jvp(lambda yy, pp: m.vector_field(t, yy, pp, u), (y, p), (sk, dp))
+                res.extend(lanes(ds))
+            return res
+
+        def rk_step(t, flat, h, u_at, rate):
+            ks = [field(t, flat, u_at(t), rate)]
+            for j, a in enumerate(a_lower):
+                yj = [flat[i] + h * sum(float(a[q]) * ks[q][i] for q in range(len(a))
+                                        if a[q] != 0) for i in range(n_y)]
+                tj = t + float(c_nodes[j]) * h
+                ks.append(field(tj, yj, u_at(tj), rate))
+            new = [flat[i] + h * sum(float(b_sol[q]) * ks[q][i] for q in range(len(ks))
+                                     if b_sol[q] != 0) for i in range(n_y)]
+            err = None
+            if adaptive:
+                err = [h * sum(float(b_err[q]) * ks[q][i] for q in range(len(ks))
+                               if b_err[q] != 0) for i in range(n_y)]
+            return new, err
+
+        t_start = tprev_ref[0]
+        flat0 = list(y0) + [x for sk in s0 for x in sk]
+        if adaptive:
+            # initial step: 1% of |y|/|f| in the scaled norm (whole span at steady state)
+            u0 = {name: ua_ref[0, c] for c, name in enumerate(input_names)} if n_in else {}
+            r0 = [rate_ref[0, i] for i in range(s_dim)] if has_rate else [zero] * s_dim
+            f0 = [a + b for a, b in zip(lanes(m.vector_field(t_start, y0, p, u0)), r0)]
+            sc0 = [opts.atol + opts.rtol * jnp.abs(v) for v in y0]
+            d0 = jnp.sqrt(sum((v / s) ** 2 for v, s in zip(y0, sc0)) / s_dim)
+            d1 = jnp.sqrt(sum((v / s) ** 2 for v, s in zip(f0, sc0)) / s_dim)
+            span = jnp.maximum(tev_ref[e_dim - 1] - t_start, jnp.finfo(dtype).tiny)
+            h0 = jnp.where(d1 > 1e-5, 0.01 * jnp.maximum(d0, 1e-5) / d1, span)
+            h0 = jnp.clip(h0, 1e-8 * span, span)
+            if dtmax is not None:
+                h0 = jnp.minimum(h0, dtmax)
+        else:
+            h0 = jnp.full((block,), opts.dt0, dtype)
+
+        kk = max(k_dim, 1)
+        acc0 = ([zero] * (kk * kk), [zero] * kk, zero) if data is not None else None
+
+        def event(e, carry):
+            t, flat, h, status, steps, acc = carry
+            t_ev = tev_ref[e]
+            tp = tprev_ref[e]
+            rate = [rate_ref[e, i] for i in range(s_dim)] if has_rate else [zero] * s_dim
+            if n_in:
+                ua = [ua_ref[e, c] for c in range(n_in)]
+                us = [us_ref[e, c] for c in range(n_in)]
+
+                def u_at(tq):
+                    return {nm: ua[c] + (tq - tp) * us[c] for c, nm in enumerate(input_names)}
+            else:
+                def u_at(tq):
+                    return {}
+
+            def cond(c):
+                t_, _, _, st_, _ = c
+                return jnp.max(((t_ < t_ev) & (st_ == 0)).astype(jnp.int32)) > 0
+
+            def body(c):
+                t_, fl, h_, st_, sp_ = c
+                active = (t_ < t_ev) & (st_ == 0)
+                gap = t_ev - t_
+                clipped = h_ >= gap
+                h_try = jnp.where(active, jnp.minimum(h_, gap), 1.0)
+                new, err = rk_step(t_, fl, h_try, u_at, rate)
+                finite = jnp.ones((block,), bool)
+                for v in new:
+                    finite = finite & jnp.isfinite(v)
+                if adaptive:
+                    en2 = zero
+                    for a, b, ev in zip(fl, new, err):
+                        sc = opts.atol + opts.rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
+                        en2 = en2 + (ev / sc) ** 2
+                    en = jnp.sqrt(en2 / n_y)
+                    finite = finite & jnp.isfinite(en)
+                    en = jnp.where(finite, en, jnp.inf)
+                    accept = active & (en <= 1.0)
+                    factor = jnp.clip(SAFETY * jnp.where(en > 0, en, 1e-10) ** (-0.2),
+                                      FACTOR_MIN, FACTOR_MAX)
+                    factor = jnp.where(finite, factor, FACTOR_MIN)
+                    h_next = h_try * factor
+                    h_next = jnp.where(accept & clipped, jnp.maximum(h_next, h_), h_next)
+                    if dtmax is not None:
+                        h_next = jnp.minimum(h_next, dtmax)
+                    h_ = jnp.where(active, h_next, h_)
+                else:
+                    accept = active & finite
+                t_ = jnp.where(accept, jnp.where(clipped, t_ev, t_ + h_try), t_)
+                fl = [jnp.where(accept, b, a) for a, b in zip(fl, new)]
+                sp_ = sp_ + active.astype(jnp.int32)
+                if adaptive:
+                    tiny = active & ~accept & (h_ < 1e-12 * jnp.maximum(jnp.abs(t_), 1.0))
+                    st_ = jnp.where(tiny, jnp.where(finite, 3, 2), st_)
+                else:
+                    st_ = jnp.where(active & ~finite, 2, st_)
+                st_ = jnp.where((st_ == 0) & (t_ < t_ev) & (sp_ >= opts.max_steps), 1, st_)
+                return t_, fl, h_, st_.astype(jnp.int32), sp_
+
+            t, flat, h, status, steps = jax.lax.while_loop(
+                cond, body, (t, flat, h, status, steps))
+            if want_states:
+                states_ref[pl.ds(e, 1)] = jnp.stack(flat[:s_dim])[None]
+            if want_sens:
+                sens_ref[pl.ds(e, 1)] = jnp.stack(flat[s_dim:])[None]
+            if data is not None:
+                hs, gs, cost = acc
+                w = w_ref[e]
+                use = w > 0
+                ko = kobs_ref[e]
+                y = tuple(flat[:s_dim])
+
+                def f_sel(yy, pp):
+                    vals = lanes(ob.fn(yy, pp) for ob in observables)
+                    return _pick(vals, ko, n_obs_kinds)
+
+                f = f_sel(y, p)
+                r = jnp.where(use, (yobs_ref[e] - f) * w, 0.0)
+                cost = cost + 0.5 * r * r
+                js = []
+                for k, dp in enumerate(dps):
+                    sk = tuple(flat[s_dim * (k + 1): s_dim * (k + 2)])
+                    df = jax.jvp(f_sel, (y, p), (sk, dp))[1]
+                    js.append(jnp.where(use, -df * w, 0.0))
+                gs = [g + jk * r for g, jk in zip(gs, js)] + gs[len(js):]
+                hs = list(hs)
+                for a in range(len(js)):
+                    for b in range(len(js)):
+                        hs[a * kk + b] = hs[a * kk + b] + js[a] * js[b]
+                acc = (hs, gs, cost)
+            jump = jump_ref[e]
+            flat = [v + jump[i] if i < s_dim else v for i, v in enumerate(flat)]
+            return t, flat, h, status, steps, acc
+
+        init = (t_start, flat0, h0.astype(dtype), jnp.zeros((block,), jnp.int32),
+                jnp.zeros((block,), jnp.int32), acc0)
+        t, flat, h, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
+        if data is not None:
+            hs, gs, cost = acc
+            h_ref[...] = jnp.stack(hs)
+            g_ref[...] = jnp.stack(gs)
+            cost_ref[...] = cost[None]
+        status_ref[...] = status[None]
+        steps_ref[...] = steps[None]
+
+    results = pl.pallas_call(
+        kernel,
+        grid=(n_pad // block,),
+        in_specs=specs,
+        out_specs=[o[1] for o in outs],
+        out_shape=[o[0] for o in outs],
+        interpret=interpret,
+    )(*ins)
+    results = [r[..., :n] for r in results]
+    res: dict[str, Any] = {}
+    it = iter(results)
+    if want_states:
+        res["states"] = jnp.moveaxis(next(it), -1, 0)  # (N, E, S)
+    if want_sens:
+        res["sens"] = jnp.moveaxis(next(it), -1, 0).reshape(n, e_dim, k_dim, s_dim)
+    if data is not None:
+        hh, gg, cc = next(it), next(it), next(it)
+        kk = max(k_dim, 1)
+        res["H"] = jnp.moveaxis(hh, -1, 0).reshape(n, kk, kk)[:, :k_dim, :k_dim]
+        res["g"] = jnp.moveaxis(gg, -1, 0)[:, :k_dim]
+        res["cost"] = cc[0]
+    res["status"] = next(it)[0]
+    res["steps"] = next(it)[0]
+    return res
+
+
+def _gather(prep: Prepared, per_event: jax.Array) -> jax.Array:
+    """(N, E, ...) event rows -> (N, M, ...) save slots."""
+    idx = prep.pos.reshape(prep.pos.shape + (1,) * (per_event.ndim - 2))
+    return jnp.take_along_axis(per_event, idx, axis=1)
+
+
+def _is_zero(t) -> bool:
+    return all(isinstance(x, jax.custom_derivatives.SymbolicZero)
+               for x in jax.tree.leaves(t, is_leaf=lambda x: isinstance(
+                   x, jax.custom_derivatives.SymbolicZero)))
+
+
+def solve_kernel(model: MechanisticModel, theta: jax.Array, sched, save_ts, save_mask, t0,
+                 opts, has_inf: bool):
+    """`simulate` on the kernel backend: (ts (N, M), ys (N, M, S), status, num_steps).
+
+    Differentiable in `theta` by forward sensitivities computed in the kernel
+    (`jax.custom_jvp`): `jax.jvp`, `jax.jacfwd` and `jax.grad` work with respect to the
+    parameters; a derivative with respect to anything else raises an error.
+    """
+    dtype = theta.dtype
+    prep = prepare(model, sched, save_ts, save_mask, t0, has_inf, dtype)
+    arrays, static = eqx.partition(model, eqx.is_array)
+
+    def run(th, arr, pr, **kw):
+        return run_kernel(eqx.combine(arr, static), th, pr, opts, **kw)
+
+    @jax.custom_jvp
+    def states(th, arr, pr, mask):
+        res = run(th, arr, pr)
+        ys = jnp.where(mask[..., None], _gather(pr, res["states"]), 0.0)
+        return ys, res["status"], res["steps"]
+
+    def states_jvp(primals, tangents):
+        th, arr, pr, mask = primals
+        dth, darr, dpr, _ = tangents
+        if not (_is_zero(darr) and _is_zero(dpr)):
+            raise NotImplementedError(
+                "the kernel backend differentiates with respect to the parameters only; "
+                "use SolverOptions(backend='diffrax') for derivatives with respect to "
+                "network weights, schedules or times")
+        n, p_dim = th.shape
+        eye = jnp.broadcast_to(jnp.eye(p_dim, dtype=th.dtype)[:, None, :], (p_dim, n, p_dim))
+        res = run(th, arr, pr, directions=eye, want_sens=True)
+        ys = jnp.where(mask[..., None], _gather(pr, res["states"]), 0.0)
+        sens = _gather(pr, res["sens"])  # (N, M, P, S)
+        sens = jnp.where(mask[..., None, None], sens, 0.0)
+        if isinstance(dth, jax.custom_derivatives.SymbolicZero):
+            dys = jnp.zeros_like(ys)
+        else:
+            dys = jnp.einsum("nmps,np->nms", sens, dth)
+        zeros_i = np.zeros(res["status"].shape, jax.dtypes.float0)
+        return (ys, res["status"], res["steps"]), (dys, zeros_i, zeros_i)
+
+    states.defjvp(states_jvp, symbolic_zeros=True)
+    ys, status, steps = states(theta, arrays, prep, save_mask)
+    return prep.ts, ys, status, steps
+
+
+def normal_equations(model: MechanisticModel, theta: jax.Array, directions: jax.Array | None,
+                     sched, save_ts, save_mask, obs_index, y, weight, t0, opts,
+                     has_inf: bool) -> dict[str, jax.Array]:
+    """Per patient, in one kernel: the cost 1/2 sum r^2 of r = (y - f) * weight over the
+    save slots (weight 0 where nothing is fitted) and, with `directions` (K, N, P)
+    = d theta / d z_k, the Gauss–Newton matrices JᵀJ (N, K, K) and Jᵀr (N, K) of
+    J = dr/dz, accumulated at the observations without storing J. Also "status"."""
+    dtype = theta.dtype
+    prep = prepare(model, sched, save_ts, save_mask, t0, has_inf, dtype)
+    obs = jnp.moveaxis(prep.obs, -1, 0)  # (N, E)
+    is_obs = jnp.moveaxis(prep.kind, -1, 0) == EV_OBS
+
+    def per_event(x):
+        v = jnp.take_along_axis(jnp.asarray(x), obs, axis=1)
+        return jnp.moveaxis(jnp.where(is_obs, v, 0), 0, -1)
+
+    data = (per_event(jnp.where(weight > 0, y, 0.0)).astype(dtype),
+            per_event(weight).astype(dtype), per_event(obs_index).astype(jnp.int32))
+    return run_kernel(model, theta, prep, opts, directions=directions, data=data,
+                      want_states=False)
