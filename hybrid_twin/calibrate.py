@@ -105,6 +105,30 @@ class _Problem(eqx.Module):
     model: MechanisticModel
     free_idx: tuple[int, ...] = eqx.field(static=True)
     options: SolverOptions = eqx.field(static=True)
+    has_inf: bool = eqx.field(static=True, default=True)
+
+    def kernel_normal(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
+                      sd_frozen, z_pop, inv_omega, jac: bool):
+        """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior) from the
+        kernel backend, which accumulates them at the observations inside the kernel."""
+        from ._kernel import normal_equations
+
+        theta = self.theta(z, theta_fixed)
+        dirs = None
+        if jac:
+            eye = jnp.eye(z.shape[1], dtype=z.dtype)[:, None, :] * jnp.ones_like(z)[None]
+            dirs = jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
+                                              (z,), (t,))[1])(eye)
+        weight = jnp.where(w_mask, 1.0 / sd_frozen, 0.0)
+        res = normal_equations(self.model, theta, dirs, schedule, ts, mask, obs_index, y,
+                               weight, jnp.asarray(0.0, z.dtype), self.options, self.has_inf)
+        r_prior = (z - z_pop) * inv_omega
+        cost = res["cost"] + 0.5 * jnp.sum(r_prior ** 2, axis=1)
+        if not jac:
+            return cost, None, None, res["status"]
+        h = res["H"] + jax.vmap(jnp.diag)(jnp.broadcast_to(inv_omega ** 2, z.shape))
+        g = res["g"] + inv_omega * r_prior
+        return cost, h, g, res["status"]
 
     def theta(self, z, theta_fixed):
         full = self.model.to_unconstrained(theta_fixed)
@@ -145,20 +169,31 @@ def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
         return problem.residuals(zz, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
                                  sd_frozen, z_pop, inv_omega)[0]
 
-    r, jac = _jacobian(res, z)
-    finite = jnp.all(jnp.isfinite(jac), axis=(1, 2)) & jnp.all(jnp.isfinite(r), axis=1)
-    r = jnp.where(jnp.isfinite(r), r, 0.0)
-    jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
-    cost = 0.5 * jnp.sum(r * r, axis=1)
-    g = jnp.einsum("nrf,nr->nf", jac, r)
-    h = jnp.einsum("nrf,nrg->nfg", jac, jac)
+    if problem.options.backend == "kernel":
+        cost, h, g, _ = problem.kernel_normal(z, *data, sd_frozen, z_pop, inv_omega, jac=True)
+        finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
+                  & jnp.isfinite(cost))
+        h = jnp.where(finite[:, None, None], h, 0.0)
+        g = jnp.where(finite[:, None], g, 0.0)
+    else:
+        r, jac = _jacobian(res, z)
+        finite = jnp.all(jnp.isfinite(jac), axis=(1, 2)) & jnp.all(jnp.isfinite(r), axis=1)
+        r = jnp.where(jnp.isfinite(r), r, 0.0)
+        jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
+        cost = 0.5 * jnp.sum(r * r, axis=1)
+        g = jnp.einsum("nrf,nr->nf", jac, r)
+        h = jnp.einsum("nrf,nrg->nfg", jac, jac)
     diag = jnp.diagonal(h, axis1=1, axis2=2)
     damp = lam[:, None] * jnp.maximum(diag, 1e-12)
     step = -jnp.linalg.solve(h + jax.vmap(jnp.diag)(damp), g[..., None])[..., 0]
     z_try = z + step
-    r_try, status = problem.residuals(z_try, theta_fixed, schedule, ts, mask, obs_index, y,
-                                      w_mask, sd_frozen, z_pop, inv_omega)
-    cost_try = 0.5 * jnp.sum(r_try * r_try, axis=1)
+    if problem.options.backend == "kernel":
+        cost_try, _, _, status = problem.kernel_normal(z_try, *data, sd_frozen, z_pop,
+                                                       inv_omega, jac=False)
+    else:
+        r_try, status = problem.residuals(z_try, theta_fixed, schedule, ts, mask, obs_index,
+                                          y, w_mask, sd_frozen, z_pop, inv_omega)
+        cost_try = 0.5 * jnp.sum(r_try * r_try, axis=1)
     ok = jnp.isfinite(cost_try) & (status == 0) & jnp.all(jnp.isfinite(z_try), axis=1)
     accept = ok & (cost_try < cost) & ~frozen
     z_new = jnp.where(accept[:, None], z_try, z)
@@ -214,7 +249,7 @@ def calibrate(
     Returns:
         `CalibrationResult`.
     """
-    options = options or _default_options()
+    options = (options or _default_options()).resolved()
     if options.backend == "diffrax" and options.adjoint != "forward":
         options = dataclasses.replace(options, adjoint="forward",
                                       dtmax=options.dtmax or "obs")
@@ -239,7 +274,9 @@ def calibrate(
     data = (jnp.asarray(theta_fixed), cohort.schedule, cohort.obs_times, cohort.obs_mask,
             cohort.obs_index, y, w_mask)
     z_pop, inv_omega = _prior(model, free_idx, typical, omega)
-    problem = _Problem(model, free_idx, options)
+    sch = cohort.schedule
+    has_inf = bool(np.any(np.asarray(sch.dose_mask) & (np.asarray(sch.dose_rates) > 0)))
+    problem = _Problem(model, free_idx, options, has_inf)
     rng = np.random.default_rng(seed)
 
     def run(z0, em):
@@ -331,11 +368,13 @@ def predict_with_intervals(
     prediction times the Laplace covariance); with `include_residual` the observation
     error is added, giving intervals for new observations.
     """
-    options = options or _default_options()
+    options = (options or _default_options()).resolved()
     if options.backend == "diffrax" and options.adjoint != "forward":
         options = dataclasses.replace(options, adjoint="forward")
     free_idx = tuple(model.index("param", n) for n in result.free)
-    problem = _Problem(model, free_idx, options)
+    sch = cohort.schedule
+    has_inf = bool(np.any(np.asarray(sch.dose_mask) & (np.asarray(sch.dose_rates) > 0)))
+    problem = _Problem(model, free_idx, options, has_inf)
     theta_fixed = result.params
 
     def pred(zz):

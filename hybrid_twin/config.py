@@ -112,10 +112,21 @@ class ErrorModelConfig:
 
 
 @dataclasses.dataclass
-class CalibrationConfig:
+class SolverConfig:
+    """How every solve of the experiment runs (`hybrid_twin.SolverOptions`): backend
+    diffrax | ensemble | kernel | auto, method tsit5 | dopri5 | kvaerno5 | rk4 (rk4 with
+    step dt0, kernel only), tolerances and the per-patient step limit."""
+
     backend: str = "ensemble"
+    method: str = "tsit5"
     rtol: float = 1e-8
     atol: float = 1e-10
+    dt0: float | None = None
+    max_steps: int = 4096
+
+
+@dataclasses.dataclass
+class CalibrationConfig:
     max_iter: int = 30
     n_starts: int = 1
 
@@ -147,6 +158,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     error_model: ErrorModelConfig = dataclasses.field(default_factory=ErrorModelConfig)
@@ -163,11 +175,14 @@ CHOICES = {
     "data.source": ("virtual", "csv", "hdf5"),
     "data.virtual.noise.kind": ("additive", "proportional", "combined"),
     "error_model.kind": ("additive", "proportional", "combined"),
-    "calibration.backend": ("diffrax", "ensemble"),
+    "solver.backend": ("diffrax", "ensemble", "kernel", "auto"),
+    "solver.method": ("tsit5", "dopri5", "kvaerno5", "rk4"),
 }
+MOVED = {"calibration.backend": "solver.backend", "calibration.rtol": "solver.rtol",
+         "calibration.atol": "solver.atol"}
 LEARNED_KINDS = ("state_correction", "term_closure", "neural_ode")
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
-            "calibration.rtol", "calibration.atol", "calibration.max_iter",
+            "solver.rtol", "solver.atol", "solver.max_steps", "calibration.max_iter",
             "calibration.n_starts", "population.max_rounds", "training.epochs",
             "training.batch_size", "training.learning_rate")
 
@@ -223,6 +238,8 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if full in MOVED:
+            raise ConfigError(f"config key {full!r} has moved to {MOVED[full]!r}")
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1)
             extra = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
@@ -230,6 +247,15 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
                               f"(valid here: {', '.join(names)})")
         kwargs[key] = _convert(hints[key], value, full)
     return cls(**kwargs)
+
+
+def solver_options(cfg: ExperimentConfig):
+    """The `SolverOptions` of the config's `solver` section."""
+    from .simulate import SolverOptions
+
+    s = cfg.solver
+    return SolverOptions(method=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
+                         max_steps=s.max_steps, backend=s.backend)
 
 
 def _validate(cfg: ExperimentConfig) -> None:
@@ -240,6 +266,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     for path in POSITIVE:
         if not _get(cfg, path) > 0:
             raise ConfigError(f"{path}: must be > 0, got {_get(cfg, path)!r}")
+    try:
+        solver_options(cfg)
+    except ValueError as e:
+        raise ConfigError(f"solver: {str(e).removeprefix('SolverOptions: ')}") from None
     fr = (cfg.split.train, cfg.split.val, cfg.split.test)
     if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-9:
         raise ConfigError(f"split: train + val + test must be fractions summing to 1, got {fr}")

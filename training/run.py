@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from hybrid_twin._atomic import atomic_open, atomic_write_text
-from hybrid_twin.config import ExperimentConfig, resolved
+from hybrid_twin.config import ExperimentConfig, resolved, solver_options
 
 
 class Log:
@@ -195,7 +195,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     from hybrid_twin.calibrate import ErrorModel, predict_with_intervals
     from hybrid_twin.models import get_model
     from hybrid_twin.population import fit_population
-    from hybrid_twin.simulate import SolverOptions
 
     run_dir = Path(out or cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,8 +221,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     free = tuple(cfg.model.free) if cfg.model.free else None
     em = ErrorModel(cfg.error_model.kind, cfg.error_model.additive,
                     cfg.error_model.proportional, cfg.error_model.estimate)
-    options = SolverOptions(rtol=cfg.calibration.rtol, atol=cfg.calibration.atol,
-                            backend=cfg.calibration.backend)
+    options = solver_options(cfg)
     typical, omega = model.typical_params(), model.omegas()
     if free is None:
         free = tuple(q.name for q, o in zip(model.parameters, omega) if o > 0)

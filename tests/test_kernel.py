@@ -1,0 +1,241 @@
+"""The fused Pallas kernel backend, in interpret mode on CPU: the same solutions as the
+diffrax backend, exact sensitivities, in-kernel normal equations, failure isolation and
+calibration through it."""
+
+import dataclasses
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_twin import Schedule, SolverOptions, simulate
+from hybrid_twin._kernel import normal_equations
+from hybrid_twin.calibrate import ErrorModel, calibrate
+from hybrid_twin.data.virtual import DoseSpec, NoiseModel, Population, ScheduleSpec, virtual_cohort
+from hybrid_twin.hybrid import HybridModel, state_correction
+from hybrid_twin.models import BergmanMinimal, TwoCompartment
+from hybrid_twin.population import sample_params
+
+REF = SolverOptions(rtol=1e-11, atol=1e-12, max_steps=100_000)
+TSIT5 = SolverOptions(rtol=1e-10, atol=1e-12, backend="kernel")
+RK4_GLUCOSE = SolverOptions(method="rk4", dt0=0.25, backend="kernel", max_steps=100_000)
+
+
+def glucose_cohort(n, seed=0):
+    """n patients from the population, three meals with insulin at jittered times,
+    glucose every 5 min over 24 h, started at the basal steady state."""
+    model = BergmanMinimal()
+    theta = sample_params(model, jax.random.PRNGKey(seed), n)
+    rng = np.random.default_rng(seed)
+    meals = np.array([420.0, 720.0, 1140.0])[None] + rng.uniform(-30, 30, (n, 3))
+    scheds = [Schedule.build(model, [(float(t), float(c), "meal") for t, c in
+                                     zip(meals[i], rng.uniform(40, 90, 3))]
+                             + [(float(t) + 2.5, 1.0, "insulin") for t in meals[i]])
+              for i in range(n)]
+    return model, theta, Schedule.stack(scheds), jnp.arange(0.0, 1441.0, 5.0)
+
+
+def rel_err(a, b):
+    """Largest difference relative to |b|, with values below 1e-4 of their component's
+    peak (the last axis: a state that has decayed to nearly zero) measured against 1e-4
+    of that peak."""
+    a, b = np.asarray(a), np.asarray(b)
+    peak = np.max(np.abs(b).reshape(-1, b.shape[-1]), axis=0) if b.ndim > 1 else np.max(np.abs(b))
+    return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-4 * peak + 1e-300))
+
+
+@pytest.mark.parametrize("opts", [TSIT5, RK4_GLUCOSE,
+                                  dataclasses.replace(TSIT5, method="dopri5")],
+                         ids=["tsit5", "rk4", "dopri5"])
+def test_glucose_with_meals_and_insulin_matches_diffrax(opts):
+    model, theta, sched, ts = glucose_cohort(32)
+    ref = simulate(model, theta, sched, ts, options=REF)
+    got = simulate(model, theta, sched, ts, options=opts)
+    assert np.all(np.asarray(got.status) == 0)
+    assert rel_err(got.ys[..., 0], ref.ys[..., 0]) < 1e-6
+    assert rel_err(got.ys, ref.ys) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["tsit5", "rk4"])
+def test_two_compartment_repeated_boluses_and_infusion_matches_diffrax(method):
+    model = TwoCompartment()
+    theta = sample_params(model, jax.random.PRNGKey(1), 16)
+    # oral doses every 12 h, an IV infusion of 500 mg over 2 h at 30 h, with
+    # samples at dose times (troughs), during and after the infusion
+    doses = [(12.0 * k, 200.0, "depot") for k in range(4)] + [(30.0, 500.0, "central", 250.0)]
+    sched = Schedule.build(model, doses)
+    ts = jnp.asarray(sorted({*np.arange(0.0, 48.01, 1.5), 12.0, 24.0, 31.0, 32.0}))
+    opts = TSIT5 if method == "tsit5" else SolverOptions(method="rk4", dt0=0.01,
+                                                         backend="kernel", max_steps=10_000)
+    ref = simulate(model, theta, sched, ts, options=REF)
+    got = simulate(model, theta, sched, ts, options=opts)
+    assert np.all(np.asarray(got.status) == 0)
+    assert rel_err(got.ys, ref.ys) < 1e-6
+    trough = np.asarray(got.ys)[:, list(np.asarray(ts)).index(12.0), 0]
+    assert np.all(trough < 200.0)  # the sample at a dose time is taken before the dose
+
+
+def randomized_hybrid(model, key):
+    corr = state_correction(model, ("G", "X"), ("G", "I", "sin_day", "cos_day"), key=key,
+                            feature_scales={"G": (100.0, 50.0), "I": (15.0, 20.0)},
+                            out_scale=[0.5, 1e-5], width=8)
+    hyb = HybridModel(model, (corr,), day_length=1440.0)
+    layers = hyb.corrections[0].net.mlp.layers
+    keys = jax.random.split(key, len(layers))
+    for i, k in enumerate(keys):
+        w = 0.5 * jax.random.normal(k, layers[i].weight.shape)
+        hyb = eqx.tree_at(lambda m, i=i: m.corrections[0].net.mlp.layers[i].weight, hyb, w)
+    return hyb
+
+
+@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, dt0=0.1)],
+                         ids=["tsit5", "rk4"])
+def test_hybrid_with_mlp_state_correction_matches_diffrax(opts):
+    model, theta, sched, ts = glucose_cohort(16, seed=2)
+    hyb = randomized_hybrid(model, jax.random.PRNGKey(3))
+    ref = simulate(hyb, theta, sched, ts, options=REF)
+    assert rel_err(ref.ys[..., 0], simulate(model, theta, sched, ts, options=REF).ys[..., 0]) > 1e-3
+    got = simulate(hyb, theta, sched, ts, options=opts)
+    assert rel_err(got.ys, ref.ys) < 1e-6
+
+
+@pytest.mark.parametrize("interpolation", ["constant", "linear"])
+def test_inputs_match_diffrax(interpolation):
+    model = BergmanMinimal()
+    theta = sample_params(model, jax.random.PRNGKey(4), 8)
+    sched = Schedule.build(model, [(420.0, 1.0, "insulin")],
+                           inputs=[(400.0, [2.0]), (430.0, [4.0]), (450.0, [0.0])],
+                           interpolation=interpolation)
+    ts = jnp.arange(0.0, 901.0, 10.0)
+    ref = simulate(model, theta, sched, ts, options=REF)
+    got = simulate(model, theta, sched, ts, options=TSIT5)
+    assert rel_err(got.ys, ref.ys) < 1e-6
+
+
+def test_sensitivities_of_every_parameter_match_finite_differences():
+    """jax.jacfwd through the kernel's custom_jvp (sensitivities integrated in the kernel,
+    inside the error norm), from the basal steady state, against central differences."""
+    model, theta, sched, ts = glucose_cohort(2, seed=5)
+    ts = ts[::6]
+
+    def glucose(th):
+        return simulate(model, th, sched, ts, options=TSIT5).ys[..., 0]
+
+    jac = np.asarray(jax.jacfwd(glucose)(theta))[np.arange(2), :, np.arange(2), :]
+    for k, name in enumerate(model.param_names):
+        h = 1e-5 * theta[:, k]
+        fd = (glucose(theta.at[:, k].add(h)) - glucose(theta.at[:, k].add(-h))) / (2 * h[:, None])
+        # compared per unit of log(parameter), in mg/dL; a parameter glucose does not
+        # depend on (Ib: the model works with I - Ib from I(0) = Ib) is held to 0.1 mg/dL
+        th = np.asarray(theta[:, k])[:, None]
+        fd, ad = np.asarray(fd) * th, jac[:, :, k] * th
+        scale = max(np.max(np.abs(fd)), 0.1)
+        assert np.max(np.abs(ad - fd)) / scale < 1e-5, name
+    # reverse mode through the same rule
+    grad = jax.grad(lambda th: jnp.sum(glucose(th)))(theta)
+    np.testing.assert_allclose(np.asarray(grad), jac.sum(1), rtol=1e-10)
+
+
+def test_normal_equations_equal_those_from_jacfwd_of_diffrax():
+    model, theta, sched, ts = glucose_cohort(8, seed=6)
+    free = [model.index("param", q) for q in ("p1", "p3", "Gb", "V_G", "k_abs")]
+    n, m = theta.shape[0], ts.shape[0]
+    rng = np.random.default_rng(0)
+    y = np.asarray(simulate(model, theta, sched, ts, options=REF).ys[..., 0])
+    y = y + rng.normal(0, 5.0, y.shape)
+    weight = jnp.where(rng.uniform(size=(n, m)) < 0.8, 1 / 5.0, 0.0)  # some unobserved
+    z = model.to_unconstrained(theta)
+    dirs = jnp.stack([jax.jvp(model.from_unconstrained, (z,),
+                              (jnp.zeros_like(z).at[:, k].set(1.0),))[1] for k in free])
+    obs_index = jnp.zeros((n, m), jnp.int32)
+    ts_b = jnp.broadcast_to(ts, (n, m))
+    got = normal_equations(model, theta, dirs, sched, ts_b, jnp.ones((n, m), bool), obs_index,
+                           jnp.asarray(y), weight, jnp.asarray(0.0), TSIT5, False)
+
+    ref_opts = SolverOptions(rtol=1e-10, atol=1e-12, dtmax="obs", adjoint="forward")
+
+    def resid(zf):
+        full = z.at[:, free].set(zf)
+        f = simulate(model, model.from_unconstrained(full), sched, ts, options=ref_opts).ys[..., 0]
+        return (y - f) * weight
+
+    r = resid(z[:, free])
+    jac = np.asarray(jax.jacfwd(resid)(z[:, free]))[np.arange(n), :, np.arange(n), :]
+    h_ref = np.einsum("nmk,nml->nkl", jac, jac)
+    g_ref = np.einsum("nmk,nm->nk", jac, np.asarray(r))
+    assert rel_err(got["H"], h_ref) < 1e-5
+    assert rel_err(got["g"], g_ref) < 1e-5
+    np.testing.assert_allclose(np.asarray(got["cost"]), 0.5 * np.sum(np.asarray(r) ** 2, 1),
+                               rtol=1e-6)
+
+
+def test_failing_patient_is_flagged_and_the_others_are_unchanged():
+    model, theta, sched, ts = glucose_cohort(8, seed=7)
+    opts = dataclasses.replace(TSIT5, max_steps=2000)  # the others need about 1,100
+    good = simulate(model, theta, sched, ts, options=opts)
+    assert np.all(np.asarray(good.status) == 0)
+    others = [i for i in range(8) if i != 3]
+    # patient 3: insulin action so strong that glucose uptake becomes stiff and the
+    # explicit solver needs about 4,200 steps: MAX_STEPS
+    stiff = theta.at[3, model.index("param", "p3")].set(1e-2).at[
+        3, model.index("param", "k_sc")].set(1.0)
+    got = simulate(model, stiff, sched, ts, options=opts)
+    assert np.asarray(got.status)[3] == 1
+    np.testing.assert_array_equal(np.asarray(got.status)[others], 0)
+    np.testing.assert_array_equal(np.asarray(got.ys)[others], np.asarray(good.ys)[others])
+    # a parameter set that makes the vector field non-finite: flagged, neighbours untouched
+    nan_theta = theta.at[5, model.index("param", "V_G")].set(0.0)
+    got = simulate(model, nan_theta, sched, ts, options=opts)
+    assert np.asarray(got.status)[5] != 0
+    others = [i for i in range(8) if i != 5]
+    np.testing.assert_array_equal(np.asarray(got.ys)[others], np.asarray(good.ys)[others])
+
+
+def test_calibration_through_the_kernel_recovers_parameters():
+    model = BergmanMinimal()
+    free = ("p1", "p3", "Gb", "V_G", "k_abs")
+    meals = []
+    for t, c, ins in ((420.0, 60.0, 1.0), (720.0, 80.0, 1.3), (1140.0, 70.0, 1.2)):
+        meals += [DoseSpec(t, c, "meal", time_jitter=30.0, amount_cv=0.2),
+                  DoseSpec(t, ins, "insulin")]
+    spec = ScheduleSpec(doses=tuple(meals), obs_every=5.0, horizon=1440.0,
+                        observables=("glucose",))
+    fixed = {q.name: 0.0 for q in model.parameters if q.name not in free}
+    vc = virtual_cohort(model, 64, population=Population(omega=fixed), schedule=spec,
+                        noise=NoiseModel("additive", additive_sd=5.0), seed=3)
+    opts = SolverOptions(rtol=1e-8, atol=1e-10, backend="kernel")
+    res = calibrate(model, vc.cohort, free=free, options=opts, max_iter=20,
+                    error_model=ErrorModel("additive", additive=5.0, estimate=False))
+    idx = [model.index("param", q) for q in free]
+    rel = np.abs(np.asarray(res.params) / vc.true_params - 1)[:, idx]
+    assert np.all(np.median(rel, axis=0) < 0.05), dict(zip(free, np.median(rel, 0)))
+    assert np.mean(np.asarray(res.converged)) > 0.9
+    # the same fit on the ensemble backend (Jacobian by jvp through its loop)
+    ref = calibrate(model, vc.cohort.select(np.arange(8)), free=free, max_iter=20,
+                    error_model=ErrorModel("additive", additive=5.0, estimate=False))
+    np.testing.assert_allclose(np.asarray(res.z)[:8], np.asarray(ref.z), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_backend_and_option_checks(caplog):
+    with caplog.at_level(logging.INFO, logger="hybrid_twin"):
+        assert SolverOptions(backend="auto").resolved().backend == "diffrax"
+    assert "no GPU" in caplog.text
+    assert SolverOptions(backend="auto", method="rk4", dt0=1.0).resolved().backend == "kernel"
+    with pytest.raises(ValueError, match="needs a step size dt0"):
+        SolverOptions(method="rk4", backend="kernel")
+    with pytest.raises(ValueError, match="rk4' runs on the kernel backend only"):
+        SolverOptions(method="rk4", dt0=1.0)
+    with pytest.raises(ValueError, match="explicit methods only"):
+        SolverOptions(method="kvaerno5", backend="kernel")
+    # derivatives with respect to network weights are refused with a clear message
+    model, theta, sched, ts = glucose_cohort(2)
+    hyb = randomized_hybrid(model, jax.random.PRNGKey(0))
+
+    def loss(m):
+        return jnp.sum(simulate(m, theta, sched, ts[:20], options=TSIT5).ys)
+
+    with pytest.raises(NotImplementedError, match="parameters only"):
+        eqx.filter_grad(loss)(hyb)
