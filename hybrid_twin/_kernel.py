@@ -46,6 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, _events_one
+from .hybrid import lanes_mode
 from .models.base import MechanisticModel
 
 KERNEL_METHODS = ("rk4", "tsit5", "dopri5")
@@ -158,6 +159,21 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
                     obs=last(obs), pos=pos)
 
 
+class _ScalarView:
+    """A network weight inside the kernel: its scalars, loaded from the flattened ref once,
+    indexed like the array (w[j, f], b[j]); `.shape` as the array's."""
+
+    def __init__(self, ref, shape):
+        self.shape = tuple(shape)
+        size = int(np.prod(shape)) if shape else 1
+        self._values = [ref[i] for i in range(size)]
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        flat = int(np.ravel_multi_index(tuple(int(i) for i in idx), self.shape)) if self.shape else 0
+        return self._values[flat]
+
+
 def _pick(values, index, n_choices):
     """Select values[index] lane by lane from a list of (B,) vectors."""
     out = values[0]
@@ -169,7 +185,8 @@ def _pick(values, index, n_choices):
 def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, *,
                directions: jax.Array | None = None, data: tuple | None = None,
                want_states: bool = True, want_sens: bool = False,
-               block: int | None = None, interpret: bool | None = None) -> dict[str, Any]:
+               block: int | None = None, interpret: bool | None = None,
+               num_warps: int = 4) -> dict[str, Any]:
     """Run the fused solve.
 
     Args:
@@ -192,7 +209,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     """
     interpret = interpret_default() if interpret is None else interpret
     dtype = theta.dtype
-    n, p_dim = theta.shape
+    n = theta.shape[0]
     s_dim = model.n_states
     e_dim = prep.t_ev.shape[0]
     k_dim = 0 if directions is None else directions.shape[0]
@@ -248,15 +265,14 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         for x in data:
             add(x)
     for leaf in leaves:
-        add(leaf if jnp.ndim(leaf) else jnp.reshape(leaf, (1,)), lanes=False)
-    scalar_leaf = [jnp.ndim(leaf) == 0 for leaf in leaves]
+        add(jnp.reshape(jnp.asarray(leaf, dtype), (-1,)), lanes=False)
 
     outs = []
 
     def out(shape, dt):
+        nd = len(shape)
         outs.append((jax.ShapeDtypeStruct(shape + (n_pad,), dt),
-                     pl.BlockSpec(shape + (block,),
-                                  lambda i, nd=len(shape): (0,) * nd + (i,))))
+                     pl.BlockSpec(shape + (block,), lambda i: (0,) * nd + (i,))))
 
     if want_states:
         out((e_dim, s_dim), dtype)
@@ -272,6 +288,10 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     n_y = s_dim * (1 + k_dim)
 
     def kernel(*refs):
+        with lanes_mode():
+            traced_kernel(*refs)
+
+    def traced_kernel(*refs):
         it = iter(refs)
         theta_ref, tev_ref, tprev_ref, jump_ref = next(it), next(it), next(it), next(it)
         rate_ref = next(it) if has_rate else None
@@ -286,13 +306,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             None, None, None)
         status_ref, steps_ref = next(it), next(it)
 
-        weights = [r[...][0] if sc else r[...] for r, sc in zip(w_refs, scalar_leaf)]
+        # network weights: every scalar loaded once per program (no matrix shapes)
+        weights = [_ScalarView(r, leaf.shape) for r, leaf in zip(w_refs, leaves)]
         m = eqx.combine(jax.tree.unflatten(treedef, weights), static)
-        th = theta_ref[...]
-        p = {name: th[i] for i, name in enumerate(param_names)}
+        # every load and store is one (B,) row: Triton needs power-of-two shapes
+        p = {name: theta_ref[i] for i, name in enumerate(param_names)}
         if k_dim:
-            dirs = dir_ref[...]
-            dps = [{name: dirs[k, i] for i, name in enumerate(param_names)}
+            dps = [{name: dir_ref[k, i] for i, name in enumerate(param_names)}
                    for k in range(k_dim)]
         else:
             dps = []
@@ -331,6 +351,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             return new, err
 
         t_start = tprev_ref[0]
+        zero = jnp.zeros_like(t_start)
         flat0 = list(y0) + [x for sk in s0 for x in sk]
         if adaptive:
             # initial step: 1% of |y|/|f| in the scaled norm (whole span at steady state)
@@ -413,9 +434,11 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             t, flat, h, status, steps = jax.lax.while_loop(
                 cond, body, (t, flat, h, status, steps))
             if want_states:
-                states_ref[pl.ds(e, 1)] = jnp.stack(flat[:s_dim])[None]
+                for i in range(s_dim):
+                    states_ref[e, i] = flat[i]
             if want_sens:
-                sens_ref[pl.ds(e, 1)] = jnp.stack(flat[s_dim:])[None]
+                for i in range(k_dim * s_dim):
+                    sens_ref[e, i] = flat[s_dim + i]
             if data is not None:
                 hs, gs, cost = acc
                 w = w_ref[e]
@@ -441,21 +464,27 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     for b in range(len(js)):
                         hs[a * kk + b] = hs[a * kk + b] + js[a] * js[b]
                 acc = (hs, gs, cost)
-            jump = jump_ref[e]
-            flat = [v + jump[i] if i < s_dim else v for i, v in enumerate(flat)]
+            flat = [v + jump_ref[e, i] if i < s_dim else v for i, v in enumerate(flat)]
             return t, flat, h, status, steps, acc
 
         init = (t_start, flat0, h0.astype(dtype), jnp.zeros((block,), jnp.int32),
                 jnp.zeros((block,), jnp.int32), acc0)
-        t, flat, h, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
+        _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
         if data is not None:
             hs, gs, cost = acc
-            h_ref[...] = jnp.stack(hs)
-            g_ref[...] = jnp.stack(gs)
-            cost_ref[...] = cost[None]
-        status_ref[...] = status[None]
-        steps_ref[...] = steps[None]
+            for a, v in enumerate(hs):
+                h_ref[a] = v
+            for a, v in enumerate(gs):
+                g_ref[a] = v
+            cost_ref[0] = cost
+        status_ref[0] = status
+        steps_ref[0] = steps
 
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
     results = pl.pallas_call(
         kernel,
         grid=(n_pad // block,),
@@ -463,6 +492,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         out_specs=[o[1] for o in outs],
         out_shape=[o[0] for o in outs],
         interpret=interpret,
+        compiler_params=compiler_params,
+        name="hybrid_twin_ensemble",
     )(*ins)
     results = [r[..., :n] for r in results]
     res: dict[str, Any] = {}

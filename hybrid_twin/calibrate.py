@@ -372,9 +372,7 @@ def predict_with_intervals(
     if options.backend == "diffrax" and options.adjoint != "forward":
         options = dataclasses.replace(options, adjoint="forward")
     free_idx = tuple(model.index("param", n) for n in result.free)
-    sch = cohort.schedule
-    has_inf = bool(np.any(np.asarray(sch.dose_mask) & (np.asarray(sch.dose_rates) > 0)))
-    problem = _Problem(model, free_idx, options, has_inf)
+    problem = _Problem(model, free_idx, options)
     theta_fixed = result.params
 
     def pred(zz):

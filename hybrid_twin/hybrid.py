@@ -21,6 +21,8 @@ produces outputs in the state's unit per time unit.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -34,6 +36,26 @@ import numpy as np
 from .models.base import MechanisticModel
 
 TIME_FEATURES = ("time", "sin_day", "cos_day")
+
+# In "lanes" mode (set while the fused kernel is traced) features stay a list of per-patient
+# vectors and networks are evaluated neuron by neuron with scalar weights: no stacking, no
+# matrix products, only elementwise arithmetic on (B,) vectors (what Triton lowers).
+_LANES = contextvars.ContextVar("hybrid_twin_lanes", default=False)
+
+
+@contextlib.contextmanager
+def lanes_mode():
+    """Evaluate learned terms on lists of per-patient vectors (used by the kernel backend)."""
+    token = _LANES.set(True)
+    try:
+        yield
+    finally:
+        _LANES.reset(token)
+
+
+def _column(g, k: int):
+    """Output k of a network: g[..., k] of an array, or g[k] of a list (lanes mode)."""
+    return g[k] if isinstance(g, (list, tuple)) else g[..., k]
 
 
 class ScaledMLP(eqx.Module):
@@ -61,6 +83,8 @@ class ScaledMLP(eqx.Module):
         self.out_scale = jnp.broadcast_to(jnp.asarray(out_scale, float), (out_size,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if isinstance(x, (list, tuple)):
+            return self._lanes(x)
         shift = jax.lax.stop_gradient(self.in_shift)
         scale = jax.lax.stop_gradient(self.in_scale)
         out_scale = jax.lax.stop_gradient(self.out_scale)
@@ -70,6 +94,24 @@ class ScaledMLP(eqx.Module):
         flat = z.reshape(-1, z.shape[-1])
         out = jax.vmap(self.mlp)(flat).reshape(z.shape[:-1] + (-1,))
         return out_scale.astype(x.dtype) * out
+
+    def _lanes(self, xs):
+        """The network on a list of F feature vectors, neuron by neuron; returns a list of
+        outputs. Weights are indexed as w[j, f] (arrays, or scalar-loading views of
+        kernel refs); activations must be elementwise (softplus, tanh, ...)."""
+        z = [(x - self.in_shift[f]) / self.in_scale[f] for f, x in enumerate(xs)]
+        layers = self.mlp.layers
+        for li, layer in enumerate(layers):
+            out_dim, in_dim = layer.weight.shape
+            new = []
+            for j in range(out_dim):
+                acc = layer.bias[j] if layer.use_bias else 0.0
+                for f in range(in_dim):
+                    acc = acc + layer.weight[j, f] * z[f]
+                new.append(acc)
+            act = self.mlp.activation if li < len(layers) - 1 else self.mlp.final_activation
+            z = [act(v) for v in new]
+        return [self.out_scale[k] * v for k, v in enumerate(z)]
 
 
 def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_length):
@@ -91,6 +133,8 @@ def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_len
             raise KeyError(f"unknown feature {name!r}; use a state, input or parameter of "
                            f"{type(model).__name__} or one of {TIME_FEATURES}")
     shape = jnp.broadcast_shapes(*[jnp.shape(c) for c in cols])
+    if _LANES.get():
+        return [jnp.broadcast_to(c, shape) for c in cols]
     return jnp.stack([jnp.broadcast_to(c, shape) for c in cols], axis=-1)
 
 
@@ -214,7 +258,7 @@ class HybridModel(MechanisticModel):
                     raise KeyError(f"TermClosure replaces unknown term {c.term!r}; terms of "
                                    f"{type(self.mechanistic).__name__}: {', '.join(flux)}")
                 x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
-                flux[c.term] = c.apply(flux[c.term], c.net(x)[..., 0])
+                flux[c.term] = c.apply(flux[c.term], _column(c.net(x), 0))
         return flux
 
     def derivatives(self, y, p, u, flux):
@@ -232,7 +276,7 @@ class HybridModel(MechanisticModel):
                 g = c.net(x)
                 for k, s in enumerate(c.states):
                     i = names.index(s)
-                    dy[i] = dy[i] + g[..., k]
+                    dy[i] = dy[i] + _column(g, k)
         return tuple(dy)
 
     def switched_off(self) -> HybridModel:

@@ -14,7 +14,13 @@ import pytest
 from hybrid_twin import Schedule, SolverOptions, simulate
 from hybrid_twin._kernel import normal_equations
 from hybrid_twin.calibrate import ErrorModel, calibrate
-from hybrid_twin.data.virtual import DoseSpec, NoiseModel, Population, ScheduleSpec, virtual_cohort
+from hybrid_twin.data.virtual import (
+    DoseSpec,
+    NoiseModel,
+    Population,
+    ScheduleSpec,
+    virtual_cohort,
+)
 from hybrid_twin.hybrid import HybridModel, state_correction
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
 from hybrid_twin.population import sample_params
@@ -239,3 +245,35 @@ def test_auto_backend_and_option_checks(caplog):
 
     with pytest.raises(NotImplementedError, match="parameters only"):
         eqx.filter_grad(loss)(hyb)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["mechanistic", "hybrid"])
+def test_kernel_lowers_to_triton_for_cuda(hybrid):
+    """The GPU path (Pallas -> Triton IR), lowered here on CPU for the CUDA platform: the
+    states-only solve and the normal-equation solve with sensitivities, in float32.
+    (Compiling the Triton IR to PTX and running it happen only on a GPU.)"""
+    from hybrid_twin._kernel import prepare, run_kernel
+
+    model, theta, sched, ts = glucose_cohort(256)
+    if hybrid:
+        model = randomized_hybrid(model, jax.random.PRNGKey(0))
+    f32 = jnp.float32
+    theta = theta.astype(f32)
+    sched = jax.tree.map(lambda x: x.astype(f32) if x.dtype == jnp.float64 else x, sched)
+    ts = jnp.broadcast_to(ts.astype(f32), (256, ts.shape[0]))
+    mask = jnp.ones(ts.shape, bool)
+    opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+
+    def solve(theta, sched, ts, mask, k):
+        prep = prepare(model, sched, ts, mask, f32(0.0), False, f32)
+        e = prep.t_ev.shape[0]
+        dirs = jnp.broadcast_to(jnp.eye(11, dtype=f32)[:k, None, :], (k, 256, 11)) if k else None
+        data = (jnp.zeros((e, 256), f32), jnp.ones((e, 256), f32),
+                jnp.zeros((e, 256), jnp.int32)) if k else None
+        return run_kernel(model, theta, prep, opts, interpret=False, block=128,
+                          directions=dirs, data=data, want_states=not k)
+
+    for k in (0, 5):
+        lowered = jax.jit(solve, static_argnums=4).trace(theta, sched, ts, mask, k).lower(
+            lowering_platforms=("cuda",))
+        assert "xla.gpu.triton" in lowered.as_text()

@@ -272,5 +272,5 @@ def test_ensemble_forward_mode_gradients_from_steady_state():
 
 
 def test_ensemble_rejects_implicit_methods():
-    with pytest.raises(ValueError, match="explicit methods only"):
+    with pytest.raises(ValueError, match="runs tsit5 and dopri5 only"):
         SolverOptions(method="kvaerno5", backend="ensemble")
