@@ -186,7 +186,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                directions: jax.Array | None = None, data: tuple | None = None,
                want_states: bool = True, want_sens: bool = False,
                block: int | None = None, interpret: bool | None = None,
-               num_warps: int = 4) -> dict[str, Any]:
+               num_warps: int = 4, save_states: tuple[int, ...] | None = None
+               ) -> dict[str, Any]:
     """Run the fused solve.
 
     Args:
@@ -201,6 +202,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
             for r = (y - f) * weight, J = dr / d direction.
         want_states, want_sens: return states (N, E, S) / sensitivities (N, E, K, S).
+        save_states: indices of the states written (default all; e.g. (0,) for glucose
+            only, which cuts the kernel's output traffic).
         block: patients per program (default 128 on GPU, the whole batch rounded up to a
             power of two, at most 1024, in interpret mode).
 
@@ -274,8 +277,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         outs.append((jax.ShapeDtypeStruct(shape + (n_pad,), dt),
                      pl.BlockSpec(shape + (block,), lambda i: (0,) * nd + (i,))))
 
+    saved = tuple(range(s_dim)) if save_states is None else tuple(save_states)
     if want_states:
-        out((e_dim, s_dim), dtype)
+        out((e_dim, len(saved)), dtype)
     if want_sens:
         out((e_dim, k_dim * s_dim), dtype)
     if data is not None:
@@ -434,8 +438,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             t, flat, h, status, steps = jax.lax.while_loop(
                 cond, body, (t, flat, h, status, steps))
             if want_states:
-                for i in range(s_dim):
-                    states_ref[e, i] = flat[i]
+                for row, i in enumerate(saved):
+                    states_ref[e, row] = flat[i]
             if want_sens:
                 for i in range(k_dim * s_dim):
                     sens_ref[e, i] = flat[s_dim + i]
