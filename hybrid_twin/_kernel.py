@@ -596,3 +596,39 @@ def normal_equations(model: MechanisticModel, theta: jax.Array, directions: jax.
             per_event(weight).astype(dtype), per_event(obs_index).astype(jnp.int32))
     return run_kernel(model, theta, prep, opts, directions=directions, data=data,
                       want_states=False)
+
+
+_SUPPORT_CACHE: dict = {}
+
+
+def kernel_support(model: MechanisticModel) -> str | None:
+    """None if `model` lowers to the GPU kernel (Pallas -> Triton, checked by lowering a
+    small float32 batch for CUDA, which works on any host), else the reason it does not:
+    typically a vector field that is not elementwise over patients (stacking components,
+    matrix products, reductions over states). Cached per model structure."""
+    arrays, static = eqx.partition(model, eqx.is_array)
+    key = (jax.tree.structure(arrays), tuple(np.shape(x) for x in jax.tree.leaves(arrays)),
+           repr(static))
+    if key in _SUPPORT_CACHE:
+        return _SUPPORT_CACHE[key]
+    from .schedule import Schedule
+    from .simulate import SolverOptions
+
+    n, f32 = 16, jnp.float32
+    theta = jnp.broadcast_to(jnp.asarray(model.typical_params(), f32), (n, model.n_params))
+    sched = Schedule.stack([Schedule.empty(model, f32)] * n)
+    ts = jnp.broadcast_to(jnp.asarray([0.0, 1.0], f32), (n, 2))
+    mask = jnp.ones((n, 2), bool)
+    opts = SolverOptions(method="rk4", dt0=0.5, backend="kernel")
+
+    def solve(th):
+        prep = prepare(model, sched, ts, mask, f32(0.0), False, f32)
+        return run_kernel(model, th, prep, opts, interpret=False, block=n)["states"]
+
+    try:
+        jax.jit(solve).trace(theta).lower(lowering_platforms=("cuda",))
+        reason = None
+    except Exception as e:  # noqa: BLE001 - any lowering failure means "not supported"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    _SUPPORT_CACHE[key] = reason
+    return reason

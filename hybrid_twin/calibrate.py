@@ -249,7 +249,7 @@ def calibrate(
     Returns:
         `CalibrationResult`.
     """
-    options = (options or _default_options()).resolved()
+    options = (options or _default_options()).resolved(model)
     if options.backend == "diffrax" and options.adjoint != "forward":
         options = dataclasses.replace(options, adjoint="forward",
                                       dtmax=options.dtmax or "obs")
@@ -368,7 +368,7 @@ def predict_with_intervals(
     prediction times the Laplace covariance); with `include_residual` the observation
     error is added, giving intervals for new observations.
     """
-    options = (options or _default_options()).resolved()
+    options = (options or _default_options()).resolved(model)
     if options.backend == "diffrax" and options.adjoint != "forward":
         options = dataclasses.replace(options, adjoint="forward")
     free_idx = tuple(model.index("param", n) for n in result.free)

@@ -3,7 +3,7 @@
     hybrid-twin run CONFIG [--set k=v] [--out DIR]   run a whole experiment from a YAML config
     hybrid-twin train|calibrate|predict CONFIG ...   run it stage by stage (same run directory)
     hybrid-twin evaluate RUN_DIR            recompute a run's metrics from its predictions.csv
-    hybrid-twin bench NAME [ARGS]           run a benchmark (simulate, calibrate, hdf5_memory, hybrid_value)
+    hybrid-twin bench NAME [ARGS]           run a benchmark (simulate, calibrate, hdf5_memory, hybrid_value, gpu_ensemble)
     hybrid-twin models                      list the model library (states, parameters, sources)
     hybrid-twin simulate [options]          simulate a virtual cohort and write its run directory
 """
@@ -54,7 +54,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("simulate", "calibrate", "hdf5_memory")
+BENCHMARKS = ("simulate", "calibrate", "hdf5_memory", "hybrid_value", "gpu_ensemble")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -120,8 +120,9 @@ class SolverOptions(eqx.Module):
         if self.method == "rk4" and not (self.dt0 and self.dt0 > 0):
             raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 > 0")
 
-    def resolved(self) -> SolverOptions:
-        """The options with backend "auto" resolved for the default JAX device."""
+    def resolved(self, model: MechanisticModel | None = None) -> SolverOptions:
+        """The options with backend "auto" resolved for the default JAX device (and, on a
+        GPU, for `model`: the kernel only if the model lowers to it)."""
         if self.backend != "auto":
             return self
         import dataclasses
@@ -135,6 +136,17 @@ class SolverOptions(eqx.Module):
                 return dataclasses.replace(self, backend="kernel")
             logger.info("backend auto: diffrax (no GPU; the kernel would run interpreted)")
             return dataclasses.replace(self, backend="diffrax")
+        if model is not None:
+            from ._kernel import kernel_support
+
+            reason = kernel_support(model)
+            if reason is not None:
+                if self.method == "rk4":
+                    raise ValueError(f"{type(model).__name__} does not lower to the kernel "
+                                     f"backend, which rk4 needs: {reason}")
+                logger.warning("backend auto: diffrax, %s does not lower to the kernel: %s",
+                               type(model).__name__, reason)
+                return dataclasses.replace(self, backend="diffrax")
         return dataclasses.replace(self, backend="kernel")
 
     def solver(self) -> diffrax.AbstractSolver:
@@ -415,7 +427,7 @@ def simulate(
     Differentiable with respect to `params` (`jax.grad` with the default adjoint,
     `jax.jacfwd` with `SolverOptions(adjoint="forward")`); jit-compiled.
     """
-    options = (options or SolverOptions()).resolved()
+    options = (options or SolverOptions()).resolved(model)
     params = jnp.asarray(params)
     if not jnp.issubdtype(params.dtype, jnp.floating):
         params = params.astype(jnp.result_type(float))

@@ -121,14 +121,17 @@ def test_inputs_match_diffrax(interpolation):
     assert rel_err(got.ys, ref.ys) < 1e-6
 
 
-def test_sensitivities_of_every_parameter_match_finite_differences():
+@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, dt0=1.0)],
+                         ids=["tsit5", "rk4"])
+def test_sensitivities_of_every_parameter_match_finite_differences(opts):
     """jax.jacfwd through the kernel's custom_jvp (sensitivities integrated in the kernel,
-    inside the error norm), from the basal steady state, against central differences."""
+    inside the error norm; for RK4 the exact derivative of the RK4 map), from the basal
+    steady state, against central differences of the same solver."""
     model, theta, sched, ts = glucose_cohort(2, seed=5)
-    ts = ts[::6]
+    ts = ts[:157:6]  # to 13:00: breakfast, lunch and their insulin
 
     def glucose(th):
-        return simulate(model, th, sched, ts, options=TSIT5).ys[..., 0]
+        return simulate(model, th, sched, ts, options=opts).ys[..., 0]
 
     jac = np.asarray(jax.jacfwd(glucose)(theta))[np.arange(2), :, np.arange(2), :]
     for k, name in enumerate(model.param_names):
@@ -277,3 +280,32 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
         lowered = jax.jit(solve, static_argnums=4).trace(theta, sched, ts, mask, k).lower(
             lowering_platforms=("cuda",))
         assert "xla.gpu.triton" in lowered.as_text()
+
+
+class StackedElimination(TwoCompartment):
+    """Elimination written with a stack and a reduction over three terms: correct, but not
+    elementwise, so it does not lower to the kernel."""
+
+    def fluxes(self, t, y, p, u):
+        flux = super().fluxes(t, y, p, u)
+        e = flux["elimination"]
+        flux["elimination"] = jnp.sum(jnp.stack([0.5 * e, 0.25 * e, 0.25 * e]), axis=0)
+        return flux
+
+
+def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, caplog):
+    from hybrid_twin._kernel import kernel_support
+
+    model = BergmanMinimal()
+    assert kernel_support(model) is None
+    assert kernel_support(randomized_hybrid(model, jax.random.PRNGKey(0))) is None
+    reason = kernel_support(StackedElimination())
+    assert reason is not None and "stack" in reason.lower()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    auto = SolverOptions(backend="auto")
+    assert auto.resolved(model).backend == "kernel"
+    with caplog.at_level(logging.INFO, logger="hybrid_twin"):
+        assert auto.resolved(StackedElimination()).backend == "diffrax"
+    assert "does not lower to the kernel" in caplog.text
+    with pytest.raises(ValueError, match="rk4 needs"):
+        SolverOptions(backend="auto", method="rk4", dt0=0.1).resolved(StackedElimination())
