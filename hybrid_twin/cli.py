@@ -5,7 +5,7 @@
     hybrid-twin evaluate RUN_DIR            recompute a run's metrics from its predictions.csv
     hybrid-twin bench NAME [ARGS]           run a benchmark (simulate, calibrate, hdf5_memory, hybrid_value, gpu_ensemble)
     hybrid-twin models                      list the model library (states, parameters, sources)
-    hybrid-twin simulate [options]          simulate a virtual cohort and write its run directory
+    hybrid-twin simulate [CONFIG] [options] simulate a config's cohort (or a virtual one)
 """
 
 from __future__ import annotations
@@ -25,9 +25,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .quickstart import run_virtual_cohort
+    if args.config is None:
+        from .quickstart import run_virtual_cohort
 
-    out = run_virtual_cohort(n=args.n, seed=args.seed, out=args.out, dtype=args.dtype)
+        out = run_virtual_cohort(n=args.n, seed=args.seed or 0, out=args.out, dtype=args.dtype)
+        print(f"output written to {out}")
+        return 0
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides=args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from training.simulate import simulate_experiment
+
+    out = simulate_experiment(cfg, args.out, chunk=args.chunk, model_from=args.model_from,
+                              seed=args.seed)
     print(f"output written to {out}")
     return 0
 
@@ -120,13 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dose targets.")
     p.add_argument("name", nargs="?", choices=list(REGISTRY), help="one model only")
     p.set_defaults(fn=_cmd_models)
-    p = sub.add_parser("simulate", help="simulate a virtual glucose cohort",
-                       description="Sample N virtual patients of glucose.BergmanMinimal, "
-                                   "give each three meals with insulin, simulate 24 h and "
-                                   "write glucose every 5 min to OUT/predictions.csv.")
-    p.add_argument("--n", type=int, default=1000, help="number of virtual patients")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p = sub.add_parser("simulate", help="simulate a config's cohort (or a virtual glucose one)",
+                       description="With CONFIG: simulate the config's model (or the trained "
+                                   "model of --model-from RUN_DIR) over its cohort's doses, "
+                                   "inputs and observation times, parameters drawn from the "
+                                   "population, in chunks with progress lines; write "
+                                   "OUT/predictions.csv (ID, TIME, OBS, PRED, STATUS), "
+                                   "params.csv and summary.json. Without CONFIG: sample N "
+                                   "virtual patients of glucose.BergmanMinimal with three "
+                                   "meals and insulin and simulate 24 h.")
+    p.add_argument("config", nargs="?", default=None, help="YAML experiment config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--model-from", default=None, metavar="RUN_DIR",
+                   help="use the trained model and estimated population of a run")
+    p.add_argument("--chunk", type=int, default=10_000, help="patients per simulate call")
+    p.add_argument("--n", type=int, default=1000,
+                   help="number of virtual patients (without CONFIG; else data.virtual.n)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="parameter draws (default: the config's seed, or 0)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                   help="without CONFIG only")
     p.add_argument("--out", default="runs/simulate", help="output directory")
     p.set_defaults(fn=_cmd_simulate)
     return ap

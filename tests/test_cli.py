@@ -33,3 +33,27 @@ def test_bench_dispatches_to_the_benchmark(capsys):
                  "--skip-handwritten"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["N"] == 8 and record["hybrid_twin_ensemble"]["failed_patients"] == 0
+
+
+def test_simulate_from_a_config_and_a_trained_run(tmp_path, capsys):
+    """Config-driven simulation in chunks, with progress lines; with --model-from the
+    trained hybrid of a finished run is simulated."""
+    out = tmp_path / "sim"
+    assert main(["simulate", "configs/quickstart.yaml", "--set", "data.virtual.n=10",
+                 "--chunk", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "simulated 4/10 patients" in text and "simulated 10/10 patients" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_patients"] == 10 and summary["failed_patients"] == 0
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["STATUS"] for r in rows} == {"OK"} and len({r["ID"] for r in rows}) == 10
+    glucose = [float(r["PRED"]) for r in rows]
+    assert 20 < min(glucose) and max(glucose) < 600
+    # the same patients in one chunk give the same predictions
+    one = tmp_path / "one"
+    assert main(["simulate", "configs/quickstart.yaml", "--set", "data.virtual.n=10",
+                 "--out", str(one)]) == 0
+    assert (one / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+    assert main(["simulate", "configs/quickstart.yaml", "--set", "data.virtual.nn=3"]) == 2
+    assert "did you mean 'data.virtual.n'" in capsys.readouterr().err

@@ -45,5 +45,13 @@ def test_hybrid_beats_mechanism_only_where_the_mechanism_is_incomplete(tmp_path,
         true = 1.0 - 0.4 * np.cos(2 * math.pi * (t - 420.0) / 1440.0)
         assert np.corrcoef(mult, true)[0, 1] > 0.85
         assert t[np.argmin(mult)] <= 600.0 and t[np.argmax(mult)] >= 1080.0
+        # the trained twin simulates new virtual patients from its run directory
+        from hybrid_twin.cli import main
+
+        sim = tmp_path / "sim"
+        assert main(["simulate", "configs/glucose_hybrid.yaml", "--set", "data.virtual.n=6",
+                     "--model-from", str(hyb_dir), "--out", str(sim)]) == 0
+        summary = json.loads((sim / "summary.json").read_text())
+        assert summary["learned"] and summary["failed_patients"] == 0
     else:
         assert hyb <= 1.05 * mech, (hyb, mech)
