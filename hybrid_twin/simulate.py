@@ -424,8 +424,10 @@ def simulate(
     Returns:
         `Solution` with states at `save_ts`, per-patient `status` and step counts.
 
-    Differentiable with respect to `params` (`jax.grad` with the default adjoint,
-    `jax.jacfwd` with `SolverOptions(adjoint="forward")`); jit-compiled.
+    Differentiable with respect to `params` (diffrax backend: `jax.grad` with the default
+    adjoint, `jax.jacfwd` with `SolverOptions(adjoint="forward")`; ensemble backend:
+    forward mode; kernel backend: `jax.jvp`, `jax.jacfwd` and `jax.grad` through
+    sensitivities computed in the kernel); jit-compiled.
     """
     options = (options or SolverOptions()).resolved(model)
     params = jnp.asarray(params)
