@@ -21,7 +21,7 @@ from hybrid_twin.data.virtual import (
     ScheduleSpec,
     virtual_cohort,
 )
-from hybrid_twin.hybrid import HybridModel, state_correction
+from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
 from hybrid_twin.population import sample_params
 
@@ -97,11 +97,25 @@ def randomized_hybrid(model, key):
     return hyb
 
 
+def randomized_closure(model, key):
+    """A time-of-day 'scale' closure of the insulin-action gain with random weights."""
+    closure = term_closure(model, "insulin_action_gain", ("sin_day", "cos_day", "G"), key=key,
+                           width=5, feature_scales={"G": (100.0, 50.0)}, out_scale=0.3,
+                           mode="scale")
+    hyb = HybridModel(model, (), (closure,), day_length=1440.0)
+    for i, k in enumerate(jax.random.split(key, len(closure.net.mlp.layers))):
+        w = jax.random.normal(k, closure.net.mlp.layers[i].weight.shape)
+        hyb = eqx.tree_at(lambda m, i=i: m.closures[0].net.mlp.layers[i].weight, hyb, w)
+    return hyb
+
+
+@pytest.mark.parametrize("kind", ["state_correction", "scale_closure"])
 @pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, dt0=0.1)],
                          ids=["tsit5", "rk4"])
-def test_hybrid_with_mlp_state_correction_matches_diffrax(opts):
+def test_hybrid_with_mlp_state_correction_matches_diffrax(opts, kind):
     model, theta, sched, ts = glucose_cohort(16, seed=2)
-    hyb = randomized_hybrid(model, jax.random.PRNGKey(3))
+    make = randomized_hybrid if kind == "state_correction" else randomized_closure
+    hyb = make(model, jax.random.PRNGKey(3))
     ref = simulate(hyb, theta, sched, ts, options=REF)
     assert rel_err(ref.ys[..., 0], simulate(model, theta, sched, ts, options=REF).ys[..., 0]) > 1e-3
     got = simulate(hyb, theta, sched, ts, options=opts)
