@@ -71,18 +71,20 @@ def interpret_default() -> bool:
 class Prepared(eqx.Module):
     """Per-patient event arrays, patients on the last axis (E events, S states, C inputs).
 
-    ts (N, M) save times as solved; t_ev, t_prev (E, N): each event's time and the start
-    of the segment before it; jump (E, S, N): bolus added after event e; rate (E, S, N)
+    ts (N, M) save times as solved; t_ev (E, N): each event's time; t0 (1, N): the start;
+    jump, jump_state (E, N): the bolus added after event e and the state it enters (an
+    amount and an index rather than an (E, S, N) array: less memory traffic); rate (E, S, N)
     infusion rate on the segment ending at e (None without infusions); u_a, u_slope
-    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_prev) u_slope (None without
+    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_ev[e - 1]) u_slope (None without
     inputs); kind, obs (E, N): event kind and save slot; pos (N, M): the event index of
     each save slot.
     """
 
     ts: jax.Array
     t_ev: jax.Array
-    t_prev: jax.Array
+    t0: jax.Array
     jump: jax.Array
+    jump_state: jax.Array
     rate: jax.Array | None
     u_a: jax.Array | None
     u_slope: jax.Array | None
@@ -109,7 +111,7 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
     )(sched, ts, save_mask, t_end, d_state, d_scale)
     e = ev_t.shape[1]
     t_prev = jnp.concatenate([jnp.full((n, 1), t0, dtype), ev_t[:, :-1]], axis=1)
-    jump = jax.nn.one_hot(ev_state, s, dtype=dtype) * ev_jump[..., None]
+    jump = ev_jump.astype(dtype)
     mid = 0.5 * (t_prev + ev_t)
     rate = None
     if has_inf:
@@ -154,7 +156,8 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
     def last(x):
         return None if x is None else jnp.moveaxis(x, 0, -1)
 
-    return Prepared(ts=ts, t_ev=last(ev_t), t_prev=last(t_prev), jump=last(jump),
+    return Prepared(ts=ts, t_ev=last(ev_t), t0=jnp.full((1, n), t0, dtype), jump=last(jump),
+                    jump_state=last(ev_state.astype(jnp.int32)),
                     rate=last(rate), u_a=last(u_a), u_slope=last(u_slope), kind=last(kind),
                     obs=last(obs), pos=pos)
 
@@ -255,8 +258,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
     add(theta.T)
     add(prep.t_ev)
-    add(prep.t_prev)
+    add(prep.t0)
     add(prep.jump)
+    add(prep.jump_state)
     if has_rate:
         add(prep.rate)
     if n_in:
@@ -297,7 +301,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
     def traced_kernel(*refs):
         it = iter(refs)
-        theta_ref, tev_ref, tprev_ref, jump_ref = next(it), next(it), next(it), next(it)
+        theta_ref, tev_ref, t0_ref = next(it), next(it), next(it)
+        jump_ref, jstate_ref = next(it), next(it)
         rate_ref = next(it) if has_rate else None
         ua_ref, us_ref = (next(it), next(it)) if n_in else (None, None)
         dir_ref = next(it) if k_dim else None
@@ -354,7 +359,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                                if b_err[q] != 0) for i in range(n_y)]
             return new, err
 
-        t_start = tprev_ref[0]
+        t_start = t0_ref[0]
         zero = jnp.zeros_like(t_start)
         flat0 = list(y0) + [x for sk in s0 for x in sk]
         if adaptive:
@@ -377,9 +382,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         acc0 = ([zero] * (kk * kk), [zero] * kk, zero) if data is not None else None
 
         def event(e, carry):
-            t, flat, h, status, steps, acc = carry
+            t, tp, flat, h, status, steps, acc = carry  # tp: the previous event's time
             t_ev = tev_ref[e]
-            tp = tprev_ref[e]
             rate = [rate_ref[e, i] for i in range(s_dim)] if has_rate else [zero] * s_dim
             if n_in:
                 ua = [ua_ref[e, c] for c in range(n_in)]
@@ -468,12 +472,14 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     for b in range(len(js)):
                         hs[a * kk + b] = hs[a * kk + b] + js[a] * js[b]
                 acc = (hs, gs, cost)
-            flat = [v + jump_ref[e, i] if i < s_dim else v for i, v in enumerate(flat)]
-            return t, flat, h, status, steps, acc
+            amount, target = jump_ref[e], jstate_ref[e]
+            flat = [v + jnp.where(target == i, amount, 0.0) if i < s_dim else v
+                    for i, v in enumerate(flat)]
+            return t, t_ev, flat, h, status, steps, acc
 
-        init = (t_start, flat0, h0.astype(dtype), jnp.zeros((block,), jnp.int32),
+        init = (t_start, t_start, flat0, h0.astype(dtype), jnp.zeros((block,), jnp.int32),
                 jnp.zeros((block,), jnp.int32), acc0)
-        _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
+        _, _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
         if data is not None:
             hs, gs, cost = acc
             for a, v in enumerate(hs):
