@@ -325,7 +325,6 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                    for k in range(k_dim)]
         else:
             dps = []
-        zero = jnp.zeros((block,), dtype)
 
         def lanes(c):
             return tuple(jnp.broadcast_to(jnp.asarray(x, dtype), (block,)) for x in c)
