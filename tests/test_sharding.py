@@ -17,7 +17,7 @@ CODE = textwrap.dedent("""
     from benchmarks.common import glucose_day_cohort
     model, params, schedule, ts = glucose_day_cohort(10)   # 10 is not a multiple of 4
     out = {"devices": jax.local_device_count()}
-    for backend in ("diffrax", "ensemble"):
+    for backend in ("diffrax", "ensemble", "kernel"):
         sol = simulate(model, params, schedule, ts, options=SolverOptions(backend=backend))
         out[backend] = np.asarray(sol.ys[..., 0]).tolist()
         out[backend + "_status"] = np.asarray(sol.status).tolist()
@@ -38,7 +38,7 @@ def run(devices: int) -> dict:
 def test_sharded_equals_single_device():
     one, four = run(1), run(4)
     assert one["devices"] == 1 and four["devices"] == 4
-    for backend in ("diffrax", "ensemble"):
+    for backend in ("diffrax", "ensemble", "kernel"):
         assert four[backend + "_status"] == [0] * 10
         np.testing.assert_allclose(np.array(four[backend]), np.array(one[backend]),
                                    rtol=1e-12, atol=1e-12)
