@@ -179,8 +179,8 @@ def bench_simulate(n: int, ref, out, args):
             emit({"benchmark": "gpu_ensemble", "variant": name, "N": n,
                   "skipped": f"N above --diffrax-max-n {args.diffrax_max_n}"}, out)
             continue
-        fn = jax.jit(lambda th, o=opts: simulate(model, th, sched, ts, options=o).ys[..., 0])
-        c, r, g = timed(fn, theta)
+        fn = jax.jit(lambda th, sc, o=opts: simulate(model, th, sc, ts, options=o).ys[..., 0])
+        c, r, g = timed(fn, theta, sched)
         results[name] = r
         emit(record(name, n, c, r, ref, g), out)
     # the kernel writing glucose only (what a forecast of glucose needs)
@@ -188,14 +188,14 @@ def bench_simulate(n: int, ref, out, args):
 
     opts = variants["kernel_rk4"]
 
-    def glucose_only(th):
+    def glucose_only(th, sc):
         nb = th.shape[0]
-        prep = prepare(model, sched, jnp.broadcast_to(ts, (nb, ts.shape[0])),
+        prep = prepare(model, sc, jnp.broadcast_to(ts, (nb, ts.shape[0])),
                        jnp.ones((nb, ts.shape[0]), bool), jnp.asarray(0.0, F32), False, F32)
         res = run_kernel(model, th, prep, opts, save_states=(0,))
         return jnp.take_along_axis(res["states"][..., 0], prep.pos, axis=1)
 
-    c, r, g = timed(jax.jit(glucose_only), theta)
+    c, r, g = timed(jax.jit(glucose_only), theta, sched)
     results["kernel_rk4_glucose_only"] = r
     emit(record("kernel_rk4_glucose_only", n, c, r, ref, g), out)
     # hand-written CUDA
@@ -324,7 +324,10 @@ def bench_gauss_newton(n: int, out, args):
     k_obs = jnp.zeros((n, m), jnp.int32)
     opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
 
-    def kernel_gn(th):
+    data = (sched, ts_b, mask, k_obs, y, weight)  # arguments, not closed-over constants
+
+    def kernel_gn(th, data):
+        sched, ts_b, mask, k_obs, y, weight = data
         z = model.to_unconstrained(th)
         dirs = jnp.stack([jax.jvp(model.from_unconstrained, (z,),
                                   (jnp.zeros_like(z).at[:, k].set(1.0),))[1] for k in free])
@@ -332,7 +335,7 @@ def bench_gauss_newton(n: int, out, args):
                                jnp.asarray(0.0, F32), opts, False)
         return res["H"], res["g"]
 
-    c, r, (h_k, g_k) = timed(jax.jit(kernel_gn), theta)
+    c, r, (h_k, g_k) = timed(jax.jit(kernel_gn), theta, data)
     emit(record("gauss_newton_kernel", n, c, r, n_free=len(FREE), n_obs=m), out)
     if n > args.jacfwd_max_n:
         emit({"benchmark": "gpu_ensemble", "variant": "gauss_newton_jacfwd", "N": n,
@@ -340,7 +343,8 @@ def bench_gauss_newton(n: int, out, args):
         return
     ref_opts = SolverOptions(rtol=1e-5, atol=1e-6, dtmax="obs", adjoint="forward")
 
-    def jac_gn(th):
+    def jac_gn(th, data):
+        sched, _, _, _, y, weight = data
         z = model.to_unconstrained(th)
 
         def resid(zf):
@@ -356,7 +360,7 @@ def bench_gauss_newton(n: int, out, args):
         jac = jnp.moveaxis(cols, 0, -1)
         return jnp.einsum("nmk,nml->nkl", jac, jac), jnp.einsum("nmk,nm->nk", jac, r)
 
-    c2, r2, (h_j, g_j) = timed(jax.jit(jac_gn), theta, repeats=2)
+    c2, r2, (h_j, g_j) = timed(jax.jit(jac_gn), theta, data, repeats=2)
     diff_h = float(jnp.max(jnp.abs(h_k - h_j)) / jnp.max(jnp.abs(h_j)))
     diff_g = float(jnp.max(jnp.abs(g_k - g_j)) / jnp.max(jnp.abs(g_j)))
     emit(record("gauss_newton_jacfwd", n, c2, r2, n_free=len(FREE), n_obs=m,
