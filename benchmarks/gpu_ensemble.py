@@ -31,6 +31,7 @@ CuPy or torchdiffeq missing, or a peer failing, is recorded in its line and skip
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 import traceback
 
@@ -183,6 +184,13 @@ def bench_simulate(n: int, ref, out, args):
         c, r, g = timed(fn, theta, sched)
         results[name] = r
         emit(record(name, n, c, r, ref, g), out)
+    # other patients-per-program block sizes (the default is 128 on GPU)
+    if n == max(args.n):
+        for block in args.blocks:
+            o = dataclasses.replace(variants["kernel_rk4"], kernel_block=block)
+            fn = jax.jit(lambda th, sc, o=o: simulate(model, th, sc, ts, options=o).ys[..., 0])
+            c, r, g = timed(fn, theta, sched)
+            emit(record(f"kernel_rk4_block{block}", n, c, r, ref, g), out)
     # the kernel writing glucose only (what a forecast of glucose needs)
     from hybrid_twin._kernel import prepare, run_kernel
 
@@ -420,6 +428,8 @@ def main(argv=None):
     ap.add_argument("--torch-max-n", type=int, default=1_000_000)
     ap.add_argument("--jacfwd-max-n", type=int, default=100_000)
     ap.add_argument("--skip", nargs="*", default=[], choices=["simulate", "gn", "calibrate"])
+    ap.add_argument("--blocks", type=int, nargs="*", default=[64, 256],
+                    help="extra kernel block sizes timed for kernel_rk4 at the largest N")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     for n in args.n:

@@ -220,8 +220,12 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     e_dim = prep.t_ev.shape[0]
     k_dim = 0 if directions is None else directions.shape[0]
     n_obs_kinds = len(model.observables)
+    block = block or getattr(opts, "kernel_block", None)
+    num_warps = getattr(opts, "kernel_warps", None) or num_warps
     if block is None:
         block = 128 if not interpret else min(1024, max(8, 1 << (n - 1).bit_length()))
+    if block & (block - 1):
+        raise ValueError(f"kernel block must be a power of two, got {block}")
     n_pad = -(-n // block) * block
     method = opts.method
     c_nodes, a_lower, b_sol, b_err = _tableau(method)

@@ -76,6 +76,8 @@ class SolverOptions(eqx.Module):
             in total. See `hybrid_twin/_kernel.py`. "auto": the kernel on a GPU when the
             method allows it, otherwise diffrax (the reason is logged).
         dt0: fixed step of "rk4" (model time unit); steps are shortened to land on events.
+        kernel_block, kernel_warps: patients per kernel program (a power of two; default
+            128 on GPU) and warps per program (default 4), for tuning on a GPU.
     """
 
     method: str = eqx.field(static=True, default="tsit5")
@@ -87,6 +89,8 @@ class SolverOptions(eqx.Module):
     save_chunk: int = eqx.field(static=True, default=16)
     backend: str = eqx.field(static=True, default="diffrax")
     dt0: float | None = eqx.field(static=True, default=None)
+    kernel_block: int | None = eqx.field(static=True, default=None)
+    kernel_warps: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self) -> None:
         if self.method not in METHODS:
@@ -117,6 +121,9 @@ class SolverOptions(eqx.Module):
                              "(rk4, tsit5, dopri5); use backend='diffrax' for kvaerno5")
         if self.method == "rk4" and self.backend in ("diffrax", "ensemble"):
             raise ValueError("SolverOptions: method 'rk4' runs on the kernel backend only")
+        if self.kernel_block is not None and (self.kernel_block < 1 or
+                                              self.kernel_block & (self.kernel_block - 1)):
+            raise ValueError("SolverOptions.kernel_block must be a power of two")
         if self.method == "rk4" and not (self.dt0 and self.dt0 > 0):
             raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 > 0")
 
