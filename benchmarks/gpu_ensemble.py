@@ -128,7 +128,8 @@ def cohort(n: int, seed: int = 0, dtype=F32):
 
 def timed(fn, *args, repeats: int = 3):
     """(compile_s, run_s, result): the first call minus the best later call, best of
-    `repeats`, each synchronised."""
+    `repeats`, each synchronised (JAX results are waited for; CuPy and torch callables
+    synchronise themselves)."""
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
@@ -226,17 +227,10 @@ def bench_simulate(n: int, ref, out, args):
             cp.cuda.runtime.deviceSynchronize()
             return res
 
-        t0 = time.perf_counter()
-        run_cuda()
-        first = time.perf_counter() - t0
-        best = np.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run_cuda()
-            best = min(best, time.perf_counter() - t0)
+        c, best, _ = timed(run_cuda)
         g = cp.asnumpy(res).T
         results["cuda_rk4"] = best
-        emit(record("cuda_rk4", n, max(first - best, 0.0), best, ref, g), out)
+        emit(record("cuda_rk4", n, c, best, ref, g), out)
     except Exception as e:  # noqa: BLE001 - absent CuPy or no CUDA device: recorded, skipped
         emit({"benchmark": "gpu_ensemble", "variant": "cuda_rk4", "N": n,
               "skipped": f"{type(e).__name__}: {e}"[:300]}, out)
@@ -306,15 +300,8 @@ def bench_torch(theta, carbs, insulin, ts, method):
             torch.cuda.synchronize()
         return torch.cat(outs, 0)
 
-    t0 = time.perf_counter()
-    solve()
-    first = time.perf_counter() - t0
-    best = np.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
-        g = solve()
-        best = min(best, time.perf_counter() - t0)
-    return max(first - best, 0.0), best, g.T.cpu().numpy()
+    c, best, g = timed(solve, repeats=2)
+    return c, best, g.T.cpu().numpy()
 
 
 def bench_gauss_newton(n: int, out, args):

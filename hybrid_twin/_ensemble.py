@@ -61,6 +61,27 @@ def _events_one(sched, save_ts, save_mask, t0, t_end, d_state, d_scale, has_inf,
             state[order], jnp.sum(ok))
 
 
+def merged_events(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: bool,
+                  dtype):
+    """A batch's save times as solved and each patient's merged event list.
+
+    Returns (ts (N, M), d_state, d_scale (N, D): each dose's target state and scale,
+    then `_events_one`'s (times, kind, obs slot, jump, jump state, number real), (N, E)).
+    """
+    from .simulate import _dose_routing
+
+    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
+    ts = jnp.maximum(ts, t0)
+    t_end = jnp.maximum(ts[:, -1], t0)
+    tgt_state, tgt_scale = _dose_routing(model)
+    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
+    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
+    events = jax.vmap(
+        lambda sc, st, sm, te, ds, dsc: _events_one(sc, st, sm, t0, te, ds, dsc, has_inf, dtype)
+    )(sched, ts, save_mask, t_end, d_state, d_scale)
+    return (ts, d_state, d_scale, *events)
+
+
 def solve_ensemble(
     model: MechanisticModel,
     theta: jax.Array,
@@ -76,7 +97,7 @@ def solve_ensemble(
     Returns (ts (N, M), ys (N, M, S), status (N,), num_steps (N,)) with the same
     conventions as the diffrax backend.
     """
-    from .simulate import Status, _dose_routing
+    from .simulate import Status
 
     dtype = theta.dtype
     n, s = theta.shape[0], model.n_states
@@ -87,16 +108,9 @@ def solve_ensemble(
     # patients, and reductions over components are elementwise across patients.
     y0 = jnp.stack([jnp.broadcast_to(jnp.asarray(c, dtype), (n,))
                     for c in model.initial_state(p)], axis=0)
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
-    ts = jnp.maximum(ts, t0)
-    t_end = jnp.maximum(ts[:, -1], t0)
-
-    tgt_state, tgt_scale = _dose_routing(model)
-    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
-    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
-    ev_t, ev_kind, ev_obs, ev_jump, ev_state, n_real = jax.vmap(
-        lambda sc, st, sm, te, ds, dsc: _events_one(sc, st, sm, t0, te, ds, dsc, has_inf, dtype)
-    )(sched, ts, save_mask, t_end, d_state, d_scale)
+    ts, d_state, d_scale, ev_t, ev_kind, ev_obs, ev_jump, ev_state, n_real = merged_events(
+        model, sched, save_ts, save_mask, t0, has_inf, dtype)
+    t_end = ts[:, -1]  # >= t0: ts is clipped below at t0
     n_ev = ev_t.shape[1]
 
     is_inf = sched.dose_mask & (sched.dose_rates > 0)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, _events_one
+from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, merged_events
 from .hybrid import lanes_mode
 from .models.base import MechanisticModel
 
@@ -96,19 +96,10 @@ class Prepared(eqx.Module):
 def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: bool,
             dtype) -> Prepared:
     """Merged event lists and per-segment infusion rates and inputs for a batch."""
-    from .simulate import _dose_routing
-
     n, m = save_ts.shape
     s = model.n_states
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
-    ts = jnp.maximum(ts, t0)
-    t_end = jnp.maximum(ts[:, -1], t0)
-    tgt_state, tgt_scale = _dose_routing(model)
-    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
-    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
-    ev_t, kind, obs, ev_jump, ev_state, _ = jax.vmap(
-        lambda sc, st, sm, te, ds, dsc: _events_one(sc, st, sm, t0, te, ds, dsc, has_inf, dtype)
-    )(sched, ts, save_mask, t_end, d_state, d_scale)
+    ts, d_state, d_scale, ev_t, kind, obs, ev_jump, ev_state, _ = merged_events(
+        model, sched, save_ts, save_mask, t0, has_inf, dtype)
     e = ev_t.shape[1]
     t_prev = jnp.concatenate([jnp.full((n, 1), t0, dtype), ev_t[:, :-1]], axis=1)
     jump = ev_jump.astype(dtype)

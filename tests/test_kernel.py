@@ -14,13 +14,6 @@ import pytest
 from hybrid_twin import Schedule, SolverOptions, simulate
 from hybrid_twin._kernel import normal_equations
 from hybrid_twin.calibrate import ErrorModel, calibrate
-from hybrid_twin.data.virtual import (
-    DoseSpec,
-    NoiseModel,
-    Population,
-    ScheduleSpec,
-    virtual_cohort,
-)
 from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
 from hybrid_twin.population import sample_params
@@ -218,17 +211,10 @@ def test_failing_patient_is_flagged_and_the_others_are_unchanged():
 
 
 def test_calibration_through_the_kernel_recovers_parameters():
-    model = BergmanMinimal()
-    free = ("p1", "p3", "Gb", "V_G", "k_abs")
-    meals = []
-    for t, c, ins in ((420.0, 60.0, 1.0), (720.0, 80.0, 1.3), (1140.0, 70.0, 1.2)):
-        meals += [DoseSpec(t, c, "meal", time_jitter=30.0, amount_cv=0.2),
-                  DoseSpec(t, ins, "insulin")]
-    spec = ScheduleSpec(doses=tuple(meals), obs_every=5.0, horizon=1440.0,
-                        observables=("glucose",))
-    fixed = {q.name: 0.0 for q in model.parameters if q.name not in free}
-    vc = virtual_cohort(model, 64, population=Population(omega=fixed), schedule=spec,
-                        noise=NoiseModel("additive", additive_sd=5.0), seed=3)
+    from benchmarks.calibrate import scenario
+
+    # the calibration benchmark's glucose5 cohort: 5 free parameters, 5 mg/dL noise
+    model, vc, free, _ = scenario("glucose5", 64, seed=3)
     opts = SolverOptions(rtol=1e-8, atol=1e-10, backend="kernel")
     res = calibrate(model, vc.cohort, free=free, options=opts, max_iter=20,
                     error_model=ErrorModel("additive", additive=5.0, estimate=False))
