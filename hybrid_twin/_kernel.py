@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, merged_events
 from .hybrid import lanes_mode
@@ -75,9 +76,9 @@ class Prepared(eqx.Module):
     jump, jump_state (E, N): the bolus added after event e and the state it enters (an
     amount and an index rather than an (E, S, N) array: less memory traffic); rate (E, S, N)
     infusion rate on the segment ending at e (None without infusions); u_a, u_slope
-    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_ev[e - 1]) u_slope (None without
-    inputs); kind, obs (E, N): event kind and save slot; pos (N, M): the event index of
-    each save slot.
+    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_ev[e - 1]) u_slope (None when
+    the model has no inputs or the schedule no input breakpoints: inputs are then zero);
+    slot (E, N): the save slot an observation event writes, -1 for other events.
     """
 
     ts: jax.Array
@@ -88,19 +89,16 @@ class Prepared(eqx.Module):
     rate: jax.Array | None
     u_a: jax.Array | None
     u_slope: jax.Array | None
-    kind: jax.Array
-    obs: jax.Array
-    pos: jax.Array
+    slot: jax.Array
 
 
 def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: bool,
             dtype) -> Prepared:
     """Merged event lists and per-segment infusion rates and inputs for a batch."""
-    n, m = save_ts.shape
+    n = save_ts.shape[0]
     s = model.n_states
     ts, d_state, d_scale, ev_t, kind, obs, ev_jump, ev_state, _ = merged_events(
         model, sched, save_ts, save_mask, t0, has_inf, dtype)
-    e = ev_t.shape[1]
     t_prev = jnp.concatenate([jnp.full((n, 1), t0, dtype), ev_t[:, :-1]], axis=1)
     jump = ev_jump.astype(dtype)
     mid = 0.5 * (t_prev + ev_t)
@@ -115,10 +113,8 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
         rate = jnp.einsum("ned,nds->nes", r, jax.nn.one_hot(d_state, s, dtype=dtype))
     u_a = u_slope = None
     n_in, n_k = len(model.inputs), sched.input_times.shape[1]
-    if n_in:
-        if n_k == 0:
-            u_a = u_slope = jnp.zeros((n, e, n_in), dtype)
-        elif sched.interpolation == "linear":
+    if n_in and n_k:
+        if sched.interpolation == "linear":
             rows = jnp.arange(n)
             last = jnp.maximum(jnp.sum(sched.input_mask, axis=1) - 1, 0)
             it = jnp.where(sched.input_mask, sched.input_times,
@@ -141,16 +137,14 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
             u_a = jnp.where(jnp.any(started, axis=2)[..., None], vals, 0)
             u_slope = jnp.zeros_like(u_a)
         u_a, u_slope = u_a.astype(dtype), u_slope.astype(dtype)
-    pos = jax.vmap(lambda k, o: jnp.zeros((m,), jnp.int32).at[
-        jnp.where(k == EV_OBS, o, m)].set(jnp.arange(e, dtype=jnp.int32), mode="drop"))(kind, obs)
+    slot = jnp.where(kind == EV_OBS, obs, -1).astype(jnp.int32)
 
     def last(x):
         return None if x is None else jnp.moveaxis(x, 0, -1)
 
     return Prepared(ts=ts, t_ev=last(ev_t), t0=jnp.full((1, n), t0, dtype), jump=last(jump),
                     jump_state=last(ev_state.astype(jnp.int32)),
-                    rate=last(rate), u_a=last(u_a), u_slope=last(u_slope), kind=last(kind),
-                    obs=last(obs), pos=pos)
+                    rate=last(rate), u_a=last(u_a), u_slope=last(u_slope), slot=last(slot))
 
 
 class _ScalarView:
@@ -195,7 +189,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         data: (y (E, N), weight (E, N), observable index (E, N)) per event, weight 0 where
             nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
             for r = (y - f) * weight, J = dr / d direction.
-        want_states, want_sens: return states (N, E, S) / sensitivities (N, E, K, S).
+        want_states, want_sens: return the states (N, M, S) / sensitivities (N, M, K, S)
+            at the save slots (rows of masked save slots are unspecified).
         save_states: indices of the states written (default all; e.g. (0,) for glucose
             only, which cuts the kernel's output traffic).
         block: patients per program (default 128 on GPU, the whole batch rounded up to a
@@ -209,6 +204,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     n = theta.shape[0]
     s_dim = model.n_states
     e_dim = prep.t_ev.shape[0]
+    m_dim = prep.ts.shape[1]
     k_dim = 0 if directions is None else directions.shape[0]
     n_obs_kinds = len(model.observables)
     block = block or getattr(opts, "kernel_block", None)
@@ -225,7 +221,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 (model time unit)")
     dtmax = opts.dtmax if isinstance(opts.dtmax, (int, float)) else None
     input_names = model.input_names
-    n_in = len(input_names)
+    n_in = len(input_names) if prep.u_a is not None else 0  # else inputs are zero
     has_rate = prep.rate is not None
     param_names = model.param_names
     observables = model.observables
@@ -263,6 +259,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         add(prep.u_slope)
     if k_dim:
         add(jnp.moveaxis(directions, 1, -1))  # (K, P, N)
+    add(prep.slot)
     if data is not None:
         for x in data:
             add(x)
@@ -278,9 +275,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
     saved = tuple(range(s_dim)) if save_states is None else tuple(save_states)
     if want_states:
-        out((e_dim, len(saved)), dtype)
+        out((m_dim, len(saved)), dtype)
     if want_sens:
-        out((e_dim, k_dim * s_dim), dtype)
+        out((m_dim, k_dim * s_dim), dtype)
     if data is not None:
         out((max(k_dim, 1) * max(k_dim, 1),), dtype)
         out((max(k_dim, 1),), dtype)
@@ -301,6 +298,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         rate_ref = next(it) if has_rate else None
         ua_ref, us_ref = (next(it), next(it)) if n_in else (None, None)
         dir_ref = next(it) if k_dim else None
+        slot_ref = next(it)
         yobs_ref, w_ref, kobs_ref = (next(it), next(it), next(it)) if data is not None else (
             None, None, None)
         w_refs = [next(it) for _ in leaves]
@@ -323,6 +321,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
         def lanes(c):
             return tuple(jnp.broadcast_to(jnp.asarray(x, dtype), (block,)) for x in c)
+
+        lane = jnp.arange(block, dtype=jnp.int32)
+        zero_inputs = {name: jnp.zeros((block,), dtype) for name in input_names}
 
         y0 = lanes(m.initial_state(p))
         s0 = [lanes(jax.jvp(m.initial_state, (p,), (dp,))[1]) for dp in dps]
@@ -358,7 +359,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         flat0 = list(y0) + [x for sk in s0 for x in sk]
         if adaptive:
             # initial step: 1% of |y|/|f| in the scaled norm (whole span at steady state)
-            u0 = {name: ua_ref[0, c] for c, name in enumerate(input_names)} if n_in else {}
+            u0 = ({name: ua_ref[0, c] for c, name in enumerate(input_names)} if n_in
+                  else zero_inputs)
             r0 = [rate_ref[0, i] for i in range(s_dim)] if has_rate else [zero] * s_dim
             f0 = [a + b for a, b in zip(lanes(m.vector_field(t_start, y0, p, u0)), r0)]
             sc0 = [opts.atol + opts.rtol * jnp.abs(v) for v in y0]
@@ -387,7 +389,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     return {nm: ua[c] + (tq - tp) * us[c] for c, nm in enumerate(input_names)}
             else:
                 def u_at(tq):
-                    return {}
+                    return zero_inputs
 
             def cond(c):
                 t_, _, _, st_, _ = c
@@ -435,12 +437,17 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
             t, flat, h, status, steps = jax.lax.while_loop(
                 cond, body, (t, flat, h, status, steps))
+            # an observation event writes its save slot's row (one row for all lanes when
+            # the schedules are shared: coalesced); other events write nothing
+            if want_states or want_sens:
+                slot = slot_ref[e]
+                is_obs, row_ = slot >= 0, jnp.maximum(slot, 0)
             if want_states:
                 for row, i in enumerate(saved):
-                    states_ref[e, row] = flat[i]
+                    plgpu.store(states_ref.at[row_, row, lane], flat[i], mask=is_obs)
             if want_sens:
                 for i in range(k_dim * s_dim):
-                    sens_ref[e, i] = flat[s_dim + i]
+                    plgpu.store(sens_ref.at[row_, i, lane], flat[s_dim + i], mask=is_obs)
             if data is not None:
                 hs, gs, cost = acc
                 w = w_ref[e]
@@ -486,9 +493,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     results = pl.pallas_call(
         kernel,
         grid=(n_pad // block,),
@@ -502,10 +507,12 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     results = [r[..., :n] for r in results]
     res: dict[str, Any] = {}
     it = iter(results)
+    # (M, S, N) -> (N, M, S): one transpose (patients-last stores keep the kernel's
+    # writes coalesced)
     if want_states:
-        res["states"] = jnp.moveaxis(next(it), -1, 0)  # (N, E, S)
+        res["states"] = jnp.moveaxis(next(it), -1, 0)
     if want_sens:
-        res["sens"] = jnp.moveaxis(next(it), -1, 0).reshape(n, e_dim, k_dim, s_dim)
+        res["sens"] = jnp.moveaxis(next(it), -1, 0).reshape(n, m_dim, k_dim, s_dim)
     if data is not None:
         hh, gg, cc = next(it), next(it), next(it)
         kk = max(k_dim, 1)
@@ -515,12 +522,6 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     res["status"] = next(it)[0]
     res["steps"] = next(it)[0]
     return res
-
-
-def _gather(prep: Prepared, per_event: jax.Array) -> jax.Array:
-    """(N, E, ...) event rows -> (N, M, ...) save slots."""
-    idx = prep.pos.reshape(prep.pos.shape + (1,) * (per_event.ndim - 2))
-    return jnp.take_along_axis(per_event, idx, axis=1)
 
 
 def _is_zero(t) -> bool:
@@ -547,7 +548,7 @@ def solve_kernel(model: MechanisticModel, theta: jax.Array, sched, save_ts, save
     @jax.custom_jvp
     def states(th, arr, pr, mask):
         res = run(th, arr, pr)
-        ys = jnp.where(mask[..., None], _gather(pr, res["states"]), 0.0)
+        ys = jnp.where(mask[..., None], res["states"], 0.0)
         return ys, res["status"], res["steps"]
 
     def states_jvp(primals, tangents):
@@ -561,9 +562,8 @@ def solve_kernel(model: MechanisticModel, theta: jax.Array, sched, save_ts, save
         n, p_dim = th.shape
         eye = jnp.broadcast_to(jnp.eye(p_dim, dtype=th.dtype)[:, None, :], (p_dim, n, p_dim))
         res = run(th, arr, pr, directions=eye, want_sens=True)
-        ys = jnp.where(mask[..., None], _gather(pr, res["states"]), 0.0)
-        sens = _gather(pr, res["sens"])  # (N, M, P, S)
-        sens = jnp.where(mask[..., None, None], sens, 0.0)
+        ys = jnp.where(mask[..., None], res["states"], 0.0)
+        sens = jnp.where(mask[..., None, None], res["sens"], 0.0)  # (N, M, P, S)
         if isinstance(dth, jax.custom_derivatives.SymbolicZero):
             dys = jnp.zeros_like(ys)
         else:
@@ -585,8 +585,8 @@ def normal_equations(model: MechanisticModel, theta: jax.Array, directions: jax.
     J = dr/dz, accumulated at the observations without storing J. Also "status"."""
     dtype = theta.dtype
     prep = prepare(model, sched, save_ts, save_mask, t0, has_inf, dtype)
-    obs = jnp.moveaxis(prep.obs, -1, 0)  # (N, E)
-    is_obs = jnp.moveaxis(prep.kind, -1, 0) == EV_OBS
+    slot = jnp.moveaxis(prep.slot, -1, 0)  # (N, E)
+    is_obs, obs = slot >= 0, jnp.maximum(slot, 0)
 
     def per_event(x):
         v = jnp.take_along_axis(jnp.asarray(x), obs, axis=1)

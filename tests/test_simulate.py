@@ -274,3 +274,22 @@ def test_ensemble_forward_mode_gradients_from_steady_state():
 def test_ensemble_rejects_implicit_methods():
     with pytest.raises(ValueError, match="runs tsit5 and dopri5 only"):
         SolverOptions(method="kvaerno5", backend="ensemble")
+
+
+def test_event_order_without_sort_equals_lexsort():
+    """The counted event order (few dose events) is the sort's, with ties at observation
+    times, ties among doses, masked observations in the middle and masked doses."""
+    from hybrid_twin._ensemble import _event_order
+
+    rng = np.random.default_rng(3)
+    m, q = 12, 7
+    for _ in range(200):
+        t_o = np.sort(rng.choice([0.0, 1.0, 2.0, 2.5, 4.0, 7.0], m))
+        t_q = rng.choice([0.0, 1.0, 1.5, 2.0, 4.0, 9.0], q)
+        ok = rng.random(m + q) < 0.8
+        t_end = 9.0
+        times = jnp.asarray(np.where(ok, np.concatenate([t_o, t_q]), t_end))
+        rank = jnp.concatenate([2 * jnp.arange(m), jnp.full((q,), 2 * m)])
+        got = _event_order(times, jnp.asarray(ok), rank, m)
+        want = jnp.lexsort((rank, times, ~jnp.asarray(ok)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
