@@ -6,16 +6,18 @@ patients and runs the whole time loop inside the kernel, with states, parameters
 sensitivities as `(B,)` vectors (one lane per patient) and the network weights loaded once
 per program.
 
-Events. Each patient's observation times, bolus doses, infusion starts and stops and input
-breakpoints are merged into one sorted, padded event list (`_ensemble._events_one`, the
-same ordering as the ensemble backend: an observation at a dose time sees the state
-before the dose). The kernel loops over the event *index* e: in iteration e every lane
-integrates from its current time to its own e-th event time (an inner loop of Runge–Kutta
-steps, each lane with its own step size, finished lanes masked), then writes output row e
-and applies its jump. So all lanes write the same row in the same iteration while each
-integrates to its own time, no step straddles a discontinuity, and infusion rates and
-inputs are constant (or, with linear interpolation, linear) over each step's segment; they
-are precomputed per segment outside the kernel.
+Events. Each patient's save times are in order already; its other events (boluses,
+infusion starts and stops, input breakpoints) are few and are sorted outside the kernel,
+with the infusion rates and inputs of each segment between them (`prepare`: nothing of
+size events x patients is built there). The kernel merges the two lists itself, with the
+ordering of the other backends (an observation at a dose time sees the state before the
+dose): in iteration e of its event loop every lane takes its own next event, the earlier
+of its next save time and its next other event, integrates to it (an inner loop of
+Runge–Kutta steps, each lane with its own step size, finished lanes masked), then writes
+that save slot's row or applies the jump. With shared schedules all lanes read and write
+the same rows in the same iteration (coalesced); no step straddles a discontinuity, and
+infusion rates and inputs are constant (or, with linear interpolation, linear) over each
+step.
 
 Methods: fixed-step "rk4" (`SolverOptions.dt0`, steps shortened to land on events) and the
 adaptive pairs "tsit5" and "dopri5" (diffrax's tableaus) with the same step-size control,
@@ -46,7 +48,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._ensemble import EV_OBS, FACTOR_MAX, FACTOR_MIN, SAFETY, merged_events
+from ._ensemble import FACTOR_MAX, FACTOR_MIN, SAFETY, _event_order
 from .hybrid import lanes_mode
 from .models.base import MechanisticModel
 
@@ -70,49 +72,91 @@ def interpret_default() -> bool:
 
 
 class Prepared(eqx.Module):
-    """Per-patient event arrays, patients on the last axis (E events, S states, C inputs).
+    """A batch's save times and its other events, patients on the last axis.
 
-    ts (N, M) save times as solved; t_ev (E, N): each event's time; t0 (1, N): the start;
-    jump, jump_state (E, N): the bolus added after event e and the state it enters (an
-    amount and an index rather than an (E, S, N) array: less memory traffic); rate (E, S, N)
-    infusion rate on the segment ending at e (None without infusions); u_a, u_slope
-    (E, C, N): inputs on that segment, u(t) = u_a + (t - t_ev[e - 1]) u_slope (None when
-    the model has no inputs or the schedule no input breakpoints: inputs are then zero);
-    slot (E, N): the save slot an observation event writes, -1 for other events.
+    The kernel merges the two lists itself: save times are in order already, and the
+    other events (boluses, infusion starts and stops, input breakpoints; Q of them) are
+    few, so only they are sorted here, per patient, and nothing of size
+    (events x patients) beyond the save times is built outside the kernel.
+
+    ts (N, M): save times as solved (nondecreasing, within [t0, t_end]); ts_lanes (M, N):
+    the same, patients last; t0, t_end (1, N): start and end. q_t (Q, N): the other
+    events' times, sorted (observations come first at equal times), +inf for unused
+    slots; q_jump, q_state (Q, N): the bolus each adds (0 for the others) and the state it
+    enters. Segment k runs from other event k - 1 (t0 for k = 0) to other event k;
+    rate (Q + 1, S, N): infusion rates on it (None without infusions); u_a, u_slope
+    (Q + 1, C, N): inputs on it, u(t) = u_a + (t - anchor) u_slope, anchor (Q + 1, N) its
+    start (None when the model has no inputs or the schedule no input breakpoints: inputs
+    are then zero).
     """
 
     ts: jax.Array
-    t_ev: jax.Array
+    ts_lanes: jax.Array
     t0: jax.Array
-    jump: jax.Array
-    jump_state: jax.Array
+    t_end: jax.Array
+    q_t: jax.Array
+    q_jump: jax.Array
+    q_state: jax.Array
     rate: jax.Array | None
+    anchor: jax.Array | None
     u_a: jax.Array | None
     u_slope: jax.Array | None
-    slot: jax.Array
 
 
 def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: bool,
             dtype) -> Prepared:
-    """Merged event lists and per-segment infusion rates and inputs for a batch."""
+    """Save times and the sorted other events with per-segment infusion rates and inputs.
+
+    The event conventions are the other backends' (`_ensemble._events_one`): an
+    observation at a dose time sees the state before the dose; events are clipped to
+    [t0, last save time]."""
+    from .simulate import _dose_routing
+
     n = save_ts.shape[0]
     s = model.n_states
-    ts, d_state, d_scale, ev_t, kind, obs, ev_jump, ev_state, _ = merged_events(
-        model, sched, save_ts, save_mask, t0, has_inf, dtype)
-    t_prev = jnp.concatenate([jnp.full((n, 1), t0, dtype), ev_t[:, :-1]], axis=1)
-    jump = ev_jump.astype(dtype)
-    mid = 0.5 * (t_prev + ev_t)
+    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
+    ts = jnp.maximum(ts, t0)
+    t_end = jnp.maximum(ts[:, -1], t0)
+    tgt_state, tgt_scale = _dose_routing(model)
+    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
+    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
+    is_inf = sched.dose_mask & (sched.dose_rates > 0)
+    is_bolus = sched.dose_mask & ~is_inf
+    dur = jnp.where(is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
+    n_d, n_k = sched.dose_times.shape[1], sched.input_times.shape[1]
+    n_stop = n_d if has_inf else 0
+    parts_t = [sched.dose_times] + ([sched.dose_times + dur] if has_inf else []) + [
+        sched.input_times]
+    parts_ok = [sched.dose_mask] + ([is_inf] if has_inf else []) + [sched.input_mask]
+    times = jnp.concatenate([x.astype(dtype) for x in parts_t], axis=1)
+    ok = jnp.concatenate(parts_ok, axis=1)
+    jump = jnp.concatenate([jnp.where(is_bolus, sched.dose_amounts * d_scale, 0).astype(dtype),
+                            jnp.zeros((n, n_stop + n_k), dtype)], axis=1)
+    state = jnp.concatenate([d_state.astype(jnp.int32),
+                             jnp.zeros((n, n_stop + n_k), jnp.int32)], axis=1)
+    if times.shape[1] == 0:  # nothing but observations: one unused slot
+        times, ok = jnp.zeros((n, 1), dtype), jnp.zeros((n, 1), bool)
+        jump, state = jnp.zeros((n, 1), dtype), jnp.zeros((n, 1), jnp.int32)
+    q = times.shape[1]
+    times = jnp.where(ok, jnp.clip(times, t0, t_end[:, None]), jnp.inf)
+    order = jax.vmap(lambda t_, ok_: _event_order(t_, ok_, jnp.zeros((q,), jnp.int32), 0))(
+        times, ok)
+    q_t = jnp.take_along_axis(times, order, axis=1)
+    q_jump = jnp.take_along_axis(jump, order, axis=1)
+    q_state = jnp.take_along_axis(state, order, axis=1)
+    # segment k: from anchor[k] (t0, then each other event) to seg_end[k]
+    anchor = jnp.concatenate([jnp.full((n, 1), t0, dtype), q_t], axis=1)
+    anchor = jnp.where(jnp.isfinite(anchor), anchor, t_end[:, None])  # never reached
+    seg_end = jnp.concatenate([q_t, jnp.full((n, 1), jnp.inf, dtype)], axis=1)
     rate = None
     if has_inf:
-        is_inf = sched.dose_mask & (sched.dose_rates > 0)
-        stop = sched.dose_times + jnp.where(
-            is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
-        active = (is_inf[:, None, :] & (sched.dose_times[:, None, :] <= mid[..., None])
-                  & (mid[..., None] < stop[:, None, :]))
+        stop = sched.dose_times + dur
+        active = (is_inf[:, None, :] & (sched.dose_times[:, None, :] <= anchor[..., None])
+                  & (anchor[..., None] < stop[:, None, :]))
         r = jnp.where(active, (sched.dose_rates * d_scale)[:, None, :], 0).astype(dtype)
-        rate = jnp.einsum("ned,nds->nes", r, jax.nn.one_hot(d_state, s, dtype=dtype))
+        rate = jnp.einsum("nkd,nds->nks", r, jax.nn.one_hot(d_state, s, dtype=dtype))
     u_a = u_slope = None
-    n_in, n_k = len(model.inputs), sched.input_times.shape[1]
+    n_in = len(model.inputs)
     if n_in and n_k:
         if sched.interpolation == "linear":
             rows = jnp.arange(n)
@@ -126,25 +170,27 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
                 return jax.vmap(lambda t_, x_, v_: jnp.stack(
                     [jnp.interp(t_, x_, v_[:, c]) for c in range(n_in)], -1))(tq, it, iv)
 
-            u_a, u_b = interp(t_prev), interp(ev_t)
-            dt = (ev_t - t_prev)[..., None]
-            u_slope = jnp.where(dt > 0, (u_b - u_a) / jnp.where(dt > 0, dt, 1), 0)
+            finite_end = jnp.isfinite(seg_end) & (seg_end > anchor)
+            u_a = interp(anchor)
+            u_b = interp(jnp.where(finite_end, seg_end, anchor))
+            width = jnp.where(finite_end, seg_end - anchor, 1.0)[..., None]
+            u_slope = jnp.where(finite_end[..., None], (u_b - u_a) / width, 0)
         else:
             started = sched.input_mask[:, None, :] & (sched.input_times[:, None, :]
-                                                      <= mid[..., None])
+                                                      <= anchor[..., None])
             i = jnp.maximum(jnp.sum(started, axis=2) - 1, 0)
             vals = jnp.take_along_axis(sched.input_values, i[..., None], axis=1)
             u_a = jnp.where(jnp.any(started, axis=2)[..., None], vals, 0)
             u_slope = jnp.zeros_like(u_a)
         u_a, u_slope = u_a.astype(dtype), u_slope.astype(dtype)
-    slot = jnp.where(kind == EV_OBS, obs, -1).astype(jnp.int32)
 
     def last(x):
         return None if x is None else jnp.moveaxis(x, 0, -1)
 
-    return Prepared(ts=ts, t_ev=last(ev_t), t0=jnp.full((1, n), t0, dtype), jump=last(jump),
-                    jump_state=last(ev_state.astype(jnp.int32)),
-                    rate=last(rate), u_a=last(u_a), u_slope=last(u_slope), slot=last(slot))
+    return Prepared(ts=ts, ts_lanes=ts.T, t0=jnp.full((1, n), t0, dtype),
+                    t_end=t_end[None, :], q_t=q_t.T, q_jump=q_jump.T, q_state=q_state.T,
+                    rate=last(rate), anchor=None if u_a is None else anchor.T,
+                    u_a=last(u_a), u_slope=last(u_slope))
 
 
 class _ScalarView:
@@ -186,8 +232,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             max_steps).
         directions: (K, N, P) parameter tangents d theta / d direction (e.g. unit
             vectors, or d theta / d z of free parameters); None: no sensitivities.
-        data: (y (E, N), weight (E, N), observable index (E, N)) per event, weight 0 where
-            nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
+        data: (y (M, N), weight (M, N), observable index (M, N)) per save slot, weight 0
+            where nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
             for r = (y - f) * weight, J = dr / d direction.
         want_states, want_sens: return the states (N, M, S) / sensitivities (N, M, K, S)
             at the save slots (rows of masked save slots are unspecified).
@@ -203,8 +249,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     dtype = theta.dtype
     n = theta.shape[0]
     s_dim = model.n_states
-    e_dim = prep.t_ev.shape[0]
     m_dim = prep.ts.shape[1]
+    q_dim = prep.q_t.shape[0]
+    e_dim = m_dim + q_dim  # events: every save slot and every other-event slot
     k_dim = 0 if directions is None else directions.shape[0]
     n_obs_kinds = len(model.observables)
     block = block or getattr(opts, "kernel_block", None)
@@ -248,18 +295,16 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         ins.append(x)
 
     add(theta.T)
-    add(prep.t_ev)
-    add(prep.t0)
-    add(prep.jump)
-    add(prep.jump_state)
+    for x in (prep.ts_lanes, prep.t0, prep.t_end, prep.q_t, prep.q_jump, prep.q_state):
+        add(x)
     if has_rate:
         add(prep.rate)
     if n_in:
+        add(prep.anchor)
         add(prep.u_a)
         add(prep.u_slope)
     if k_dim:
         add(jnp.moveaxis(directions, 1, -1))  # (K, P, N)
-    add(prep.slot)
     if data is not None:
         for x in data:
             add(x)
@@ -293,12 +338,11 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
     def traced_kernel(*refs):
         it = iter(refs)
-        theta_ref, tev_ref, t0_ref = next(it), next(it), next(it)
-        jump_ref, jstate_ref = next(it), next(it)
+        theta_ref, ts_ref, t0_ref, tend_ref = next(it), next(it), next(it), next(it)
+        qt_ref, qjump_ref, qstate_ref = next(it), next(it), next(it)
         rate_ref = next(it) if has_rate else None
-        ua_ref, us_ref = (next(it), next(it)) if n_in else (None, None)
+        anchor_ref, ua_ref, us_ref = (next(it), next(it), next(it)) if n_in else (None,) * 3
         dir_ref = next(it) if k_dim else None
-        slot_ref = next(it)
         yobs_ref, w_ref, kobs_ref = (next(it), next(it), next(it)) if data is not None else (
             None, None, None)
         w_refs = [next(it) for _ in leaves]
@@ -366,7 +410,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             sc0 = [opts.atol + opts.rtol * jnp.abs(v) for v in y0]
             d0 = jnp.sqrt(sum((v / s) ** 2 for v, s in zip(y0, sc0)) / s_dim)
             d1 = jnp.sqrt(sum((v / s) ** 2 for v, s in zip(f0, sc0)) / s_dim)
-            span = jnp.maximum(tev_ref[e_dim - 1] - t_start, jnp.finfo(dtype).tiny)
+            span = jnp.maximum(tend_ref[0] - t_start, jnp.finfo(dtype).tiny)
             h0 = jnp.where(d1 > 1e-5, 0.01 * jnp.maximum(d0, 1e-5) / d1, span)
             h0 = jnp.clip(h0, 1e-8 * span, span)
             if dtmax is not None:
@@ -378,15 +422,27 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         acc0 = ([zero] * (kk * kk), [zero] * kk, zero) if data is not None else None
 
         def event(e, carry):
-            t, tp, flat, h, status, steps, acc = carry  # tp: the previous event's time
-            t_ev = tev_ref[e]
-            rate = [rate_ref[e, i] for i in range(s_dim)] if has_rate else [zero] * s_dim
+            # Merge on the fly: each lane's next save time (io) and next other event (iq);
+            # the observation goes first at equal times. Loads are gathers along the
+            # event axis, one row for all lanes when the schedules are shared.
+            t, io, iq, flat, h, status, steps, acc = carry
+            io_c, iq_c = jnp.minimum(io, m_dim - 1), jnp.minimum(iq, q_dim - 1)
+            t_o = jnp.where(io < m_dim, ts_ref[io_c, lane], jnp.inf)
+            t_q = jnp.where(iq < q_dim, qt_ref[iq_c, lane], jnp.inf)
+            take_obs = t_o <= t_q
+            is_obs = take_obs & (io < m_dim)
+            is_q = ~take_obs & jnp.isfinite(t_q)
+            t_ev = jnp.where(is_obs | is_q, jnp.minimum(t_o, t_q), t)  # none left: stay
+            rate = ([rate_ref[iq, i, lane] for i in range(s_dim)] if has_rate
+                    else [zero] * s_dim)
             if n_in:
-                ua = [ua_ref[e, c] for c in range(n_in)]
-                us = [us_ref[e, c] for c in range(n_in)]
+                anchor = anchor_ref[iq, lane]
+                ua = [ua_ref[iq, c, lane] for c in range(n_in)]
+                us = [us_ref[iq, c, lane] for c in range(n_in)]
 
                 def u_at(tq):
-                    return {nm: ua[c] + (tq - tp) * us[c] for c, nm in enumerate(input_names)}
+                    return {nm: ua[c] + (tq - anchor) * us[c]
+                            for c, nm in enumerate(input_names)}
             else:
                 def u_at(tq):
                     return zero_inputs
@@ -437,22 +493,19 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
 
             t, flat, h, status, steps = jax.lax.while_loop(
                 cond, body, (t, flat, h, status, steps))
-            # an observation event writes its save slot's row (one row for all lanes when
-            # the schedules are shared: coalesced); other events write nothing
-            if want_states or want_sens:
-                slot = slot_ref[e]
-                is_obs, row_ = slot >= 0, jnp.maximum(slot, 0)
+            # an observation writes its save slot's row (one row for all lanes when the
+            # schedules are shared: coalesced); other events write nothing
             if want_states:
                 for row, i in enumerate(saved):
-                    plgpu.store(states_ref.at[row_, row, lane], flat[i], mask=is_obs)
+                    plgpu.store(states_ref.at[io_c, row, lane], flat[i], mask=is_obs)
             if want_sens:
                 for i in range(k_dim * s_dim):
-                    plgpu.store(sens_ref.at[row_, i, lane], flat[s_dim + i], mask=is_obs)
+                    plgpu.store(sens_ref.at[io_c, i, lane], flat[s_dim + i], mask=is_obs)
             if data is not None:
                 hs, gs, cost = acc
-                w = w_ref[e]
-                use = w > 0
-                ko = kobs_ref[e]
+                w = w_ref[io_c, lane]
+                use = is_obs & (w > 0)
+                ko = kobs_ref[io_c, lane]
                 y = tuple(flat[:s_dim])
 
                 def f_sel(yy, pp):
@@ -460,7 +513,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     return _pick(vals, ko, n_obs_kinds)
 
                 f = f_sel(y, p)
-                r = jnp.where(use, (yobs_ref[e] - f) * w, 0.0)
+                r = jnp.where(use, (yobs_ref[io_c, lane] - f) * w, 0.0)
                 cost = cost + 0.5 * r * r
                 js = []
                 for k, dp in enumerate(dps):
@@ -473,14 +526,17 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     for b in range(len(js)):
                         hs[a * kk + b] = hs[a * kk + b] + js[a] * js[b]
                 acc = (hs, gs, cost)
-            amount, target = jump_ref[e], jstate_ref[e]
+            amount = jnp.where(is_q, qjump_ref[iq_c, lane], 0.0)
+            target = qstate_ref[iq_c, lane]
             flat = [v + jnp.where(target == i, amount, 0.0) if i < s_dim else v
                     for i, v in enumerate(flat)]
-            return t, t_ev, flat, h, status, steps, acc
+            io = io + is_obs.astype(jnp.int32)
+            iq = iq + is_q.astype(jnp.int32)
+            return t, io, iq, flat, h, status, steps, acc
 
-        init = (t_start, t_start, flat0, h0.astype(dtype), jnp.zeros((block,), jnp.int32),
-                jnp.zeros((block,), jnp.int32), acc0)
-        _, _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
+        izero = jnp.zeros((block,), jnp.int32)
+        init = (t_start, izero, izero, flat0, h0.astype(dtype), izero, izero, acc0)
+        _, _, _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
         if data is not None:
             hs, gs, cost = acc
             for a, v in enumerate(hs):
@@ -585,15 +641,9 @@ def normal_equations(model: MechanisticModel, theta: jax.Array, directions: jax.
     J = dr/dz, accumulated at the observations without storing J. Also "status"."""
     dtype = theta.dtype
     prep = prepare(model, sched, save_ts, save_mask, t0, has_inf, dtype)
-    slot = jnp.moveaxis(prep.slot, -1, 0)  # (N, E)
-    is_obs, obs = slot >= 0, jnp.maximum(slot, 0)
-
-    def per_event(x):
-        v = jnp.take_along_axis(jnp.asarray(x), obs, axis=1)
-        return jnp.moveaxis(jnp.where(is_obs, v, 0), 0, -1)
-
-    data = (per_event(jnp.where(weight > 0, y, 0.0)).astype(dtype),
-            per_event(weight).astype(dtype), per_event(obs_index).astype(jnp.int32))
+    weight = jnp.where(save_mask, weight, 0)
+    data = (jnp.where(weight > 0, y, 0.0).astype(dtype).T, weight.astype(dtype).T,
+            jnp.asarray(obs_index, jnp.int32).T)  # (M, N) each
     return run_kernel(model, theta, prep, opts, directions=directions, data=data,
                       want_states=False)
 
