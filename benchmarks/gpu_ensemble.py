@@ -8,7 +8,9 @@ float32. For each N it times, after a warm-up call (compile time reported apart)
 - `diffrax`: `simulate(..., backend="diffrax")` (vmap of diffeqsolve, Tsit5 + PID);
 - `kernel_rk4` and `kernel_tsit5`: `simulate(..., backend="kernel")`, the fused Pallas
   kernel (RK4 with a 1-min step; adaptive Tsit5 with rtol 1e-5, atol 1e-6);
-- `kernel_rk4_glucose_only`: the same kernel writing only the glucose row;
+- `kernel_prepare_only`: the event preparation outside the kernel, alone;
+- `kernel_rk4_glucose_only`: the RK4 kernel alone on a prepared batch, writing glucose only
+  (the like-for-like of the CUDA kernel, whose inputs are also ready beforehand);
 - `cuda_rk4`: a hand-written CUDA kernel of the same equations (CuPy `RawKernel`, one
   thread per patient, state in registers, RK4 with the same 1-min step) — the hardware
   reference;
@@ -182,30 +184,32 @@ def bench_simulate(n: int, ref, out, args):
                   "skipped": f"N above --diffrax-max-n {args.diffrax_max_n}"}, out)
             continue
         fn = jax.jit(lambda th, sc, o=opts: simulate(model, th, sc, ts, options=o).ys[..., 0])
-        c, r, g = timed(fn, theta, sched)
-        results[name] = r
-        emit(record(name, n, c, r, ref, g), out)
+        attempt(name, n, out, results, lambda fn=fn: timed(fn, theta, sched), ref)
     # other patients-per-program block sizes (the default is 128 on GPU)
     if n == max(args.n):
         for block in args.blocks:
             o = dataclasses.replace(variants["kernel_rk4"], kernel_block=block)
             fn = jax.jit(lambda th, sc, o=o: simulate(model, th, sc, ts, options=o).ys[..., 0])
-            c, r, g = timed(fn, theta, sched)
-            emit(record(f"kernel_rk4_block{block}", n, c, r, ref, g), out)
-    # the kernel writing glucose only (what a forecast of glucose needs)
+            attempt(f"kernel_rk4_block{block}", n, out, results,
+                    lambda fn=fn: timed(fn, theta, sched), ref)
+    # Where the time goes: `prepare` (the event lists, outside the kernel) alone, and the
+    # kernel alone on a prepared batch writing glucose only (what a glucose forecast needs;
+    # the like-for-like of the CUDA kernel below, whose inputs are also ready beforehand).
     from hybrid_twin._kernel import prepare, run_kernel
 
     opts = variants["kernel_rk4"]
-
-    def glucose_only(th, sc):
-        nb = th.shape[0]
-        prep = prepare(model, sc, jnp.broadcast_to(ts, (nb, ts.shape[0])),
-                       jnp.ones((nb, ts.shape[0]), bool), jnp.asarray(0.0, F32), False, F32)
-        return run_kernel(model, th, prep, opts, save_states=(0,))["states"][..., 0]
-
-    c, r, g = timed(jax.jit(glucose_only), theta, sched)
-    results["kernel_rk4_glucose_only"] = r
-    emit(record("kernel_rk4_glucose_only", n, c, r, ref, g), out)
+    ts_b = jnp.broadcast_to(ts, (n, ts.shape[0]))
+    mask_b = jnp.ones((n, ts.shape[0]), bool)
+    prep_fn = jax.jit(lambda sc, tb, mb: prepare(model, sc, tb, mb, jnp.asarray(0.0, F32),
+                                                 False, F32))
+    attempt("kernel_prepare_only", n, out, results,
+            lambda: timed(prep_fn, sched, ts_b, mask_b)[:2] + (None,), None)
+    prep = prep_fn(sched, ts_b, mask_b)
+    glucose_only = jax.jit(
+        lambda th, pr: run_kernel(model, th, pr, opts, save_states=(0,))["states"][..., 0])
+    attempt("kernel_rk4_glucose_only", n, out, results,
+            lambda: timed(glucose_only, theta, prep), ref)
+    del prep
     # hand-written CUDA
     try:
         import cupy as cp
@@ -251,10 +255,25 @@ def bench_simulate(n: int, ref, out, args):
     summary = {"benchmark": "gpu_ensemble", "variant": "summary", "N": n, **device_info()}
     for a, b in (("diffrax", "kernel_rk4"), ("diffrax", "kernel_tsit5"),
                  ("kernel_rk4", "cuda_rk4"), ("kernel_rk4_glucose_only", "cuda_rk4"),
+                 ("kernel_prepare_only", "kernel_rk4"),
                  ("torchdiffeq_dopri5", "kernel_tsit5")):
         if a in results and b in results:
             summary[f"{a}_over_{b}"] = round(results[a] / results[b], 3)
     emit(summary, out)
+
+
+def attempt(name, n, out, results, run, ref):
+    """Run one timed variant; a failure (e.g. a kernel that does not compile on this GPU)
+    is recorded in its line and the benchmark goes on."""
+    try:
+        c, r, g = run()
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal to the other variants
+        emit({"benchmark": "gpu_ensemble", "variant": name, "N": n, **device_info(),
+              "failed": f"{type(e).__name__}: {e}"[:500],
+              "trace": traceback.format_exc()[-800:]}, out)
+        return
+    results[name] = r
+    emit(record(name, n, c, r, ref, g), out)
 
 
 def bench_torch(theta, carbs, insulin, ts, method):
@@ -423,9 +442,21 @@ def main(argv=None):
             ref = reference(min(args.ref_n, n), n)
             bench_simulate(n, ref, args.out, args)
     if "gn" not in args.skip:
-        bench_gauss_newton(args.gn_n, args.out, args)
+        attempt_stage("gauss_newton", args.gn_n, args.out,
+                      lambda: bench_gauss_newton(args.gn_n, args.out, args))
     if "calibrate" not in args.skip:
-        bench_calibrate(args.calib_n, args.out)
+        attempt_stage("calibrate_kernel", args.calib_n, args.out,
+                      lambda: bench_calibrate(args.calib_n, args.out))
+
+
+def attempt_stage(name, n, out, run):
+    """A whole stage; its failure is recorded and the script goes on."""
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        emit({"benchmark": "gpu_ensemble", "variant": name, "N": n, **device_info(),
+              "failed": f"{type(e).__name__}: {e}"[:500],
+              "trace": traceback.format_exc()[-800:]}, out)
 
 
 if __name__ == "__main__":
