@@ -324,7 +324,7 @@ def bench_torch(theta, carbs, insulin, ts, method):
 
 def bench_gauss_newton(n: int, out, args):
     """One Gauss–Newton iteration's normal equations: kernel vs vmap(jacfwd) of diffrax."""
-    from hybrid_twin._kernel import normal_equations
+    from hybrid_twin._kernel import AxisDirections, normal_equations
 
     model, theta, sched, ts, _, _ = cohort(n)
     free = [model.index("param", q) for q in FREE]
@@ -341,9 +341,11 @@ def bench_gauss_newton(n: int, out, args):
 
     def kernel_gn(th, data):
         sched, ts_b, mask, k_obs, y, weight = data
+        # d theta / d z along each free parameter (log/logit transforms: one parameter
+        # each), as calibration passes them
         z = model.to_unconstrained(th)
-        dirs = jnp.stack([jax.jvp(model.from_unconstrained, (z,),
-                                  (jnp.zeros_like(z).at[:, k].set(1.0),))[1] for k in free])
+        d = jax.jvp(model.from_unconstrained, (z,), (jnp.ones_like(z),))[1]
+        dirs = AxisDirections(tuple(free), d[:, jnp.asarray(free)].T)
         res = normal_equations(model, th, dirs, sched, ts_b, mask, k_obs, y, weight,
                                jnp.asarray(0.0, F32), opts, False)
         return res["H"], res["g"]

@@ -38,7 +38,7 @@ through Triton.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -193,6 +193,16 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
                     u_a=last(u_a), u_slope=last(u_slope))
 
 
+class AxisDirections(NamedTuple):
+    """Sensitivity directions along single parameters: direction k moves parameter
+    `index[k]` by `scale[k]` (N,) per patient (d theta / d z of an elementwise transform,
+    or unit vectors). The kernel then differentiates along that one parameter only,
+    instead of along a dense (P,) tangent: fewer loads, registers and operations."""
+
+    index: tuple[int, ...]
+    scale: jax.Array  # (K, N)
+
+
 class _ScalarView:
     """A network weight inside the kernel: its scalars, loaded from the flattened ref once,
     indexed like the array (w[j, f], b[j]); `.shape` as the array's."""
@@ -217,7 +227,8 @@ def _pick(values, index, n_choices):
 
 
 def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, *,
-               directions: jax.Array | None = None, data: tuple | None = None,
+               directions: jax.Array | AxisDirections | None = None,
+               data: tuple | None = None,
                want_states: bool = True, want_sens: bool = False,
                block: int | None = None, interpret: bool | None = None,
                num_warps: int = 4, save_states: tuple[int, ...] | None = None
@@ -230,8 +241,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         prep: `prepare(...)` of the same batch.
         opts: `SolverOptions` (method rk4 | tsit5 | dopri5, rtol, atol, dt0, dtmax,
             max_steps).
-        directions: (K, N, P) parameter tangents d theta / d direction (e.g. unit
-            vectors, or d theta / d z of free parameters); None: no sensitivities.
+        directions: (K, N, P) parameter tangents d theta / d direction (e.g. d theta /
+            d z of free parameters), or `AxisDirections` (each along one parameter);
+            None: no sensitivities.
         data: (y (M, N), weight (M, N), observable index (M, N)) per save slot, weight 0
             where nothing is fitted; with `directions`, JᵀJ, Jᵀr and the cost are accumulated
             for r = (y - f) * weight, J = dr / d direction.
@@ -252,7 +264,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     m_dim = prep.ts.shape[1]
     q_dim = prep.q_t.shape[0]
     e_dim = m_dim + q_dim  # events: every save slot and every other-event slot
-    k_dim = 0 if directions is None else directions.shape[0]
+    axis_dirs = isinstance(directions, AxisDirections)
+    k_dim = 0 if directions is None else (
+        len(directions.index) if axis_dirs else directions.shape[0])
     n_obs_kinds = len(model.observables)
     block = block or getattr(opts, "kernel_block", None)
     num_warps = getattr(opts, "kernel_warps", None) or num_warps
@@ -304,7 +318,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         add(prep.u_a)
         add(prep.u_slope)
     if k_dim:
-        add(jnp.moveaxis(directions, 1, -1))  # (K, P, N)
+        add(directions.scale if axis_dirs else jnp.moveaxis(directions, 1, -1))  # (K[, P], N)
     if data is not None:
         for x in data:
             add(x)
@@ -323,8 +337,11 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         out((m_dim, len(saved)), dtype)
     if want_sens:
         out((m_dim, k_dim * s_dim), dtype)
+    # JᵀJ is symmetric: its upper triangle (a <= b) is accumulated, fewer registers
+    kk = max(k_dim, 1)
+    tri = [(a, b) for a in range(kk) for b in range(a, kk)]
     if data is not None:
-        out((max(k_dim, 1) * max(k_dim, 1),), dtype)
+        out((len(tri),), dtype)
         out((max(k_dim, 1),), dtype)
         out((1,), dtype)
     out((1,), jnp.int32)
@@ -357,11 +374,19 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         m = eqx.combine(jax.tree.unflatten(treedef, weights), static)
         # every load and store is one (B,) row: Triton needs power-of-two shapes
         p = {name: theta_ref[i] for i, name in enumerate(param_names)}
-        if k_dim:
+        if axis_dirs:
+            dps = [(param_names[i], dir_ref[k]) for k, i in enumerate(directions.index)]
+        else:
             dps = [{name: dir_ref[k, i] for i, name in enumerate(param_names)}
                    for k in range(k_dim)]
-        else:
-            dps = []
+
+        def jvp_dir(fn, y, sk, k):
+            """d fn(y, p) along state tangent sk and parameter direction k."""
+            if axis_dirs:
+                name, scale = dps[k]
+                return jax.jvp(lambda yy, pk: fn(yy, {**p, name: pk}), (y, p[name]),
+                               (sk, scale))[1]
+            return jax.jvp(fn, (y, p), (sk, dps[k]))[1]
 
         def lanes(c):
             return tuple(jnp.broadcast_to(jnp.asarray(x, dtype), (block,)) for x in c)
@@ -370,16 +395,17 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         zero_inputs = {name: jnp.zeros((block,), dtype) for name in input_names}
 
         y0 = lanes(m.initial_state(p))
-        s0 = [lanes(jax.jvp(m.initial_state, (p,), (dp,))[1]) for dp in dps]
+        s0 = [lanes(jvp_dir(lambda _, pp: m.initial_state(pp), (), (), k))
+              for k in range(k_dim)]
 
         def field(t, flat, u, rate):
             y = tuple(flat[:s_dim])
             dy = lanes(m.vector_field(t, y, p, u))
             dy = [d + r for d, r in zip(dy, rate)]
             res = list(dy)
-            for k, dp in enumerate(dps):
+            for k in range(k_dim):
                 sk = tuple(flat[s_dim * (k + 1): s_dim * (k + 2)])
-                _, ds = jax.jvp(lambda yy, pp: m.vector_field(t, yy, pp, u), (y, p), (sk, dp))
+                ds = jvp_dir(lambda yy, pp: m.vector_field(t, yy, pp, u), y, sk, k)
                 res.extend(lanes(ds))
             return res
 
@@ -418,8 +444,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         else:
             h0 = jnp.full((block,), opts.dt0, dtype)
 
-        kk = max(k_dim, 1)
-        acc0 = ([zero] * (kk * kk), [zero] * kk, zero) if data is not None else None
+        acc0 = ([zero] * len(tri), [zero] * kk, zero) if data is not None else None
 
         def event(e, carry):
             # Merge on the fly: each lane's next save time (io) and next other event (iq);
@@ -516,15 +541,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 r = jnp.where(use, (yobs_ref[io_c, lane] - f) * w, 0.0)
                 cost = cost + 0.5 * r * r
                 js = []
-                for k, dp in enumerate(dps):
+                for k in range(k_dim):
                     sk = tuple(flat[s_dim * (k + 1): s_dim * (k + 2)])
-                    df = jax.jvp(f_sel, (y, p), (sk, dp))[1]
+                    df = jvp_dir(f_sel, y, sk, k)
                     js.append(jnp.where(use, -df * w, 0.0))
                 gs = [g + jk * r for g, jk in zip(gs, js)] + gs[len(js):]
-                hs = list(hs)
-                for a in range(len(js)):
-                    for b in range(len(js)):
-                        hs[a * kk + b] = hs[a * kk + b] + js[a] * js[b]
+                hs = [hv + js[a] * js[b] if b < len(js) else hv
+                      for hv, (a, b) in zip(hs, tri)]
                 acc = (hs, gs, cost)
             amount = jnp.where(is_q, qjump_ref[iq_c, lane], 0.0)
             target = qstate_ref[iq_c, lane]
@@ -571,8 +594,10 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         res["sens"] = jnp.moveaxis(next(it), -1, 0).reshape(n, m_dim, k_dim, s_dim)
     if data is not None:
         hh, gg, cc = next(it), next(it), next(it)
-        kk = max(k_dim, 1)
-        res["H"] = jnp.moveaxis(hh, -1, 0).reshape(n, kk, kk)[:, :k_dim, :k_dim]
+        full = np.zeros((kk, kk), np.int32)
+        for t_i, (a, b) in enumerate(tri):
+            full[a, b] = full[b, a] = t_i
+        res["H"] = jnp.moveaxis(hh, -1, 0)[:, full[:k_dim, :k_dim]]
         res["g"] = jnp.moveaxis(gg, -1, 0)[:, :k_dim]
         res["cost"] = cc[0]
     res["status"] = next(it)[0]
@@ -616,8 +641,8 @@ def solve_kernel(model: MechanisticModel, theta: jax.Array, sched, save_ts, save
                 "use SolverOptions(backend='diffrax') for derivatives with respect to "
                 "network weights, schedules or times")
         n, p_dim = th.shape
-        eye = jnp.broadcast_to(jnp.eye(p_dim, dtype=th.dtype)[:, None, :], (p_dim, n, p_dim))
-        res = run(th, arr, pr, directions=eye, want_sens=True)
+        unit = AxisDirections(tuple(range(p_dim)), jnp.ones((p_dim, n), th.dtype))
+        res = run(th, arr, pr, directions=unit, want_sens=True)
         ys = jnp.where(mask[..., None], res["states"], 0.0)
         sens = jnp.where(mask[..., None, None], res["sens"], 0.0)  # (N, M, P, S)
         if isinstance(dth, jax.custom_derivatives.SymbolicZero):
@@ -632,12 +657,13 @@ def solve_kernel(model: MechanisticModel, theta: jax.Array, sched, save_ts, save
     return prep.ts, ys, status, steps
 
 
-def normal_equations(model: MechanisticModel, theta: jax.Array, directions: jax.Array | None,
+def normal_equations(model: MechanisticModel, theta: jax.Array,
+                     directions: jax.Array | AxisDirections | None,
                      sched, save_ts, save_mask, obs_index, y, weight, t0, opts,
                      has_inf: bool) -> dict[str, jax.Array]:
     """Per patient, in one kernel: the cost 1/2 sum r^2 of r = (y - f) * weight over the
     save slots (weight 0 where nothing is fitted) and, with `directions` (K, N, P)
-    = d theta / d z_k, the Gauss–Newton matrices JᵀJ (N, K, K) and Jᵀr (N, K) of
+    = d theta / d z_k (or `AxisDirections`), the Gauss–Newton matrices JᵀJ (N, K, K) and Jᵀr (N, K) of
     J = dr/dz, accumulated at the observations without storing J. Also "status"."""
     dtype = theta.dtype
     prep = prepare(model, sched, save_ts, save_mask, t0, has_inf, dtype)

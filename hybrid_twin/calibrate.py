@@ -101,6 +101,12 @@ def _default_options() -> SolverOptions:
     return SolverOptions(rtol=1e-8, atol=1e-10, backend="ensemble")
 
 
+def _elementwise_transform(model: MechanisticModel) -> bool:
+    """Whether the model maps fitting space to parameters column by column (the base
+    class's per-parameter log/logit transforms, not overridden)."""
+    return type(model).from_unconstrained is MechanisticModel.from_unconstrained
+
+
 class _Problem(eqx.Module):
     model: MechanisticModel
     free_idx: tuple[int, ...] = eqx.field(static=True)
@@ -111,11 +117,15 @@ class _Problem(eqx.Module):
                       sd_frozen, z_pop, inv_omega, jac: bool):
         """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior) from the
         kernel backend, which accumulates them at the observations inside the kernel."""
-        from ._kernel import normal_equations
+        from ._kernel import AxisDirections, normal_equations
 
         theta = self.theta(z, theta_fixed)
         dirs = None
-        if jac:
+        if jac and _elementwise_transform(self.model):
+            # d theta_i / d z_k = 0 for i != k: each direction moves one parameter
+            d = jax.jvp(lambda zz: self.theta(zz, theta_fixed), (z,), (jnp.ones_like(z),))[1]
+            dirs = AxisDirections(self.free_idx, d[:, jnp.asarray(self.free_idx)].T)
+        elif jac:
             eye = jnp.eye(z.shape[1], dtype=z.dtype)[:, None, :] * jnp.ones_like(z)[None]
             dirs = jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
                                               (z,), (t,))[1])(eye)

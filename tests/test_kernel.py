@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hybrid_twin import Schedule, SolverOptions, simulate
-from hybrid_twin._kernel import normal_equations
+from hybrid_twin._kernel import AxisDirections, normal_equations
 from hybrid_twin.calibrate import ErrorModel, calibrate
 from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
@@ -192,6 +192,11 @@ def test_normal_equations_equal_those_from_jacfwd_of_diffrax():
     ts_b = jnp.broadcast_to(ts, (n, m))
     got = normal_equations(model, theta, dirs, sched, ts_b, jnp.ones((n, m), bool), obs_index,
                            jnp.asarray(y), weight, jnp.asarray(0.0), TSIT5, False)
+    # the same along single parameters (what calibration passes for log/logit transforms)
+    scale = jnp.stack([dirs[k, :, i] for k, i in enumerate(free)])
+    axis = normal_equations(model, theta, AxisDirections(tuple(free), scale), sched, ts_b,
+                            jnp.ones((n, m), bool), obs_index, jnp.asarray(y), weight,
+                            jnp.asarray(0.0), TSIT5, False)
 
     ref_opts = SolverOptions(rtol=1e-10, atol=1e-12, dtmax="obs", adjoint="forward")
 
@@ -206,6 +211,8 @@ def test_normal_equations_equal_those_from_jacfwd_of_diffrax():
     g_ref = np.einsum("nmk,nm->nk", jac, np.asarray(r))
     assert rel_err(got["H"], h_ref) < 1e-5
     assert rel_err(got["g"], g_ref) < 1e-5
+    assert rel_err(axis["H"], h_ref) < 1e-5
+    assert rel_err(axis["g"], g_ref) < 1e-5
     np.testing.assert_allclose(np.asarray(got["cost"]), 0.5 * np.sum(np.asarray(r) ** 2, 1),
                                rtol=1e-6)
 
