@@ -19,3 +19,56 @@ def test_gpu_ensemble_benchmark_runs_small_on_cpu(capsys):
     assert by["gauss_newton_jacfwd"]["max_rel_diff_jtr_vs_kernel"] < 1e-3
     assert by["calibrate_kernel"]["converged_fraction"] > 0.5
     assert "diffrax_over_kernel_rk4" in by["summary"]
+    assert "failed" not in json.dumps(lines)
+
+
+def test_hand_written_cuda_reference_solves_the_same_problem(tmp_path):
+    """The benchmark's CUDA kernel (the hardware reference), compiled as C with one loop
+    over patients in place of the thread grid, gives the float64 glucose of the diffrax
+    backend: it solves the same equations, doses and save times."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    import numpy as np
+    import pytest
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    prelude = ("#define __global__\n#define __restrict__\n"
+               "struct dim { int x; };\nstatic struct dim blockIdx, threadIdx, blockDim;\n")
+    driver = """
+void run_all(const float* theta, const float* carbs, const float* insulin, const int* slots,
+             float* out, int n, int m, float dt_save, int substeps) {
+  blockDim.x = 1; threadIdx.x = 0;
+  for (int i = 0; i < n; ++i) {
+    blockIdx.x = i;
+    bergman_rk4(theta, carbs, insulin, slots, out, n, m, dt_save, substeps);
+  }
+}
+"""
+    (tmp_path / "k.c").write_text(prelude + gpu_ensemble.CUDA_SRC.replace('extern "C"', "")
+                                  + driver)
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "k.so"),
+                    str(tmp_path / "k.c")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "k.so"))
+    n = 8
+    _, theta, _, ts, carbs, insulin = gpu_ensemble.cohort(n)
+    ref = gpu_ensemble.reference(n, n)
+
+    def c_array(x, dtype=np.float32):
+        return np.ascontiguousarray(np.asarray(x, dtype))
+
+    th, cb, ins = c_array(np.asarray(theta).T), c_array(carbs.T), c_array(insulin.T)
+    slots = c_array([int(t / gpu_ensemble.DT_SAVE) for t in gpu_ensemble.MEAL_T], np.int32)
+    m = int(ts.shape[0])
+    out = np.zeros((m, n), np.float32)
+
+    def ptr(a):
+        return a.ctypes.data_as(ctypes.c_void_p)
+
+    lib.run_all(ptr(th), ptr(cb), ptr(ins), ptr(slots), ptr(out), ctypes.c_int(n),
+                ctypes.c_int(m), ctypes.c_float(gpu_ensemble.DT_SAVE),
+                ctypes.c_int(int(gpu_ensemble.DT_SAVE / gpu_ensemble.RK4_DT)))
+    assert gpu_ensemble.rel_diff(out.T, ref) < 1e-5
