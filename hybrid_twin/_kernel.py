@@ -444,6 +444,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         else:
             h0 = jnp.full((block,), opts.dt0, dtype)
 
+        land_tol = 8 * float(jnp.finfo(dtype).eps)
         acc0 = ([zero] * len(tri), [zero] * kk, zero) if data is not None else None
 
         def event(e, carry):
@@ -480,8 +481,19 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 t_, fl, h_, st_, sp_ = c
                 active = (t_ < t_ev) & (st_ == 0)
                 gap = t_ev - t_
-                clipped = h_ >= gap
-                h_try = jnp.where(active, jnp.minimum(h_, gap), 1.0)
+                # a step that reaches the event within rounding of t lands on it (one
+                # ending a few ulps short would leave a needless tiny step)
+                tol = land_tol * jnp.maximum(jnp.abs(t_ev), 1.0)
+                if adaptive:
+                    clipped = h_ >= gap - tol
+                    h_try = jnp.where(active, jnp.where(clipped, gap, h_), 1.0)
+                    t_next = t_ + h_try
+                else:
+                    # fixed steps on the grid t_seg + k dt0 of this event's segment,
+                    # not accumulated one by one (no drift in float32)
+                    t_next = t_seg + (sp_ - sp_seg + 1).astype(dtype) * h_
+                    clipped = t_next >= t_ev - tol
+                    h_try = jnp.where(active, jnp.where(clipped, gap, t_next - t_), 1.0)
                 new, err = rk_step(t_, fl, h_try, u_at, rate)
                 finite = jnp.ones((block,), bool)
                 for v in new:
@@ -505,7 +517,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     h_ = jnp.where(active, h_next, h_)
                 else:
                     accept = active & finite
-                t_ = jnp.where(accept, jnp.where(clipped, t_ev, t_ + h_try), t_)
+                t_ = jnp.where(accept, jnp.where(clipped, t_ev, t_next), t_)
                 fl = [jnp.where(accept, b, a) for a, b in zip(fl, new)]
                 sp_ = sp_ + active.astype(jnp.int32)
                 if adaptive:
@@ -516,6 +528,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 st_ = jnp.where((st_ == 0) & (t_ < t_ev) & (sp_ >= opts.max_steps), 1, st_)
                 return t_, fl, h_, st_.astype(jnp.int32), sp_
 
+            t_seg, sp_seg = t, steps
             t, flat, h, status, steps = jax.lax.while_loop(
                 cond, body, (t, flat, h, status, steps))
             # an observation writes its save slot's row (one row for all lanes when the

@@ -338,3 +338,23 @@ def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, 
     assert "does not lower to the kernel" in caplog.text
     with pytest.raises(ValueError, match="rk4 needs"):
         SolverOptions(backend="auto", method="rk4", dt0=0.1).resolved(StackedElimination())
+
+
+@pytest.mark.parametrize("dt0", [0.1, 1 / 3])
+def test_rk4_float32_takes_exactly_the_grid_steps(dt0):
+    """Fixed steps on each segment's own grid: in float32 over 24 h no step is left a few
+    ulps short of an event (which would add a needless tiny step per event)."""
+    model, theta, sched, ts = glucose_cohort(8)
+    f32 = jnp.float32
+    sched = jax.tree.map(lambda x: x.astype(f32) if x.dtype == jnp.float64 else x, sched)
+    sol = simulate(model, theta.astype(f32), sched, ts.astype(f32),
+                   options=SolverOptions(method="rk4", dt0=dt0, backend="kernel",
+                                         max_steps=10**6))
+    # every sample interval (5 min) and every sub-interval cut by a dose: ceil(len / dt0),
+    # a last step within 8 ulps of the event landing on it
+    for i in range(8):
+        cuts = np.unique(np.concatenate([np.asarray(ts), np.asarray(sched.dose_times[i])]))
+        cuts = np.asarray(cuts, np.float32).astype(np.float64)
+        tol = 8 * np.finfo(np.float32).eps * np.maximum(cuts[1:], 1.0)
+        ideal = int(np.sum(np.ceil((np.diff(cuts) - tol) / dt0)))
+        assert int(sol.num_steps[i]) == ideal
