@@ -278,6 +278,10 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     method = opts.method
     c_nodes, a_lower, b_sol, b_err = _tableau(method)
     adaptive = b_err is not None
+    # first same as last (Tsit5, Dopri5): a step's last stage is f at its end, the next
+    # step's first stage; recomputed only after a dose or a change of rates or inputs
+    fsal = (adaptive and float(c_nodes[-1]) == 1.0 and float(b_sol[-1]) == 0.0
+            and np.array_equal(a_lower[-1], b_sol[:-1]))
     if not adaptive and not opts.dt0:
         raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 (model time unit)")
     dtmax = opts.dtmax if isinstance(opts.dtmax, (int, float)) else None
@@ -409,8 +413,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 res.extend(lanes(ds))
             return res
 
-        def rk_step(t, flat, h, u_at, rate):
-            ks = [field(t, flat, u_at(t), rate)]
+        def rk_step(t, flat, h, u_at, rate, k1=None):
+            ks = [field(t, flat, u_at(t), rate) if k1 is None else k1]
             for j, a in enumerate(a_lower):
                 yj = [flat[i] + h * sum(float(a[q]) * ks[q][i] for q in range(len(a))
                                         if a[q] != 0) for i in range(n_y)]
@@ -422,7 +426,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             if adaptive:
                 err = [h * sum(float(b_err[q]) * ks[q][i] for q in range(len(ks))
                                if b_err[q] != 0) for i in range(n_y)]
-            return new, err
+            return new, err, ks[-1]
 
         t_start = t0_ref[0]
         zero = jnp.zeros_like(t_start)
@@ -451,7 +455,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             # Merge on the fly: each lane's next save time (io) and next other event (iq);
             # the observation goes first at equal times. Loads are gathers along the
             # event axis, one row for all lanes when the schedules are shared.
-            t, io, iq, flat, h, status, steps, acc = carry
+            t, io, iq, flat, h, status, steps, acc, k1, dirty = carry
             io_c, iq_c = jnp.minimum(io, m_dim - 1), jnp.minimum(iq, q_dim - 1)
             t_o = jnp.where(io < m_dim, ts_ref[io_c, lane], jnp.inf)
             t_q = jnp.where(iq < q_dim, qt_ref[iq_c, lane], jnp.inf)
@@ -473,12 +477,19 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 def u_at(tq):
                     return zero_inputs
 
+            if fsal:  # the first stage anew where the last event was a dose or a change
+                def refresh(k):
+                    f = field(t, flat, u_at(t), rate)
+                    return [jnp.where(dirty > 0, a, b) for a, b in zip(f, k)]
+
+                k1 = jax.lax.cond(jnp.max(dirty) > 0, refresh, lambda k: k, k1)
+
             def cond(c):
-                t_, _, _, st_, _ = c
+                t_, _, _, st_, _, _ = c
                 return jnp.max(((t_ < t_ev) & (st_ == 0)).astype(jnp.int32)) > 0
 
             def body(c):
-                t_, fl, h_, st_, sp_ = c
+                t_, fl, h_, st_, sp_, k1_ = c
                 active = (t_ < t_ev) & (st_ == 0)
                 gap = t_ev - t_
                 # a step that reaches the event within rounding of t lands on it (one
@@ -494,7 +505,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     t_next = t_seg + (sp_ - sp_seg + 1).astype(dtype) * h_
                     clipped = t_next >= t_ev - tol
                     h_try = jnp.where(active, jnp.where(clipped, gap, t_next - t_), 1.0)
-                new, err = rk_step(t_, fl, h_try, u_at, rate)
+                new, err, k_last = rk_step(t_, fl, h_try, u_at, rate, k1_ if fsal else None)
                 finite = jnp.ones((block,), bool)
                 for v in new:
                     finite = finite & jnp.isfinite(v)
@@ -526,11 +537,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 else:
                     st_ = jnp.where(active & ~finite, 2, st_)
                 st_ = jnp.where((st_ == 0) & (t_ < t_ev) & (sp_ >= opts.max_steps), 1, st_)
-                return t_, fl, h_, st_.astype(jnp.int32), sp_
+                if fsal:
+                    k1_ = [jnp.where(accept, a, b) for a, b in zip(k_last, k1_)]
+                return t_, fl, h_, st_.astype(jnp.int32), sp_, k1_
 
             t_seg, sp_seg = t, steps
-            t, flat, h, status, steps = jax.lax.while_loop(
-                cond, body, (t, flat, h, status, steps))
+            t, flat, h, status, steps, k1 = jax.lax.while_loop(
+                cond, body, (t, flat, h, status, steps, k1))
             # an observation writes its save slot's row (one row for all lanes when the
             # schedules are shared: coalesced); other events write nothing
             if want_states:
@@ -568,11 +581,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     for i, v in enumerate(flat)]
             io = io + is_obs.astype(jnp.int32)
             iq = iq + is_q.astype(jnp.int32)
-            return t, io, iq, flat, h, status, steps, acc
+            return t, io, iq, flat, h, status, steps, acc, k1, is_q.astype(jnp.int32)
 
         izero = jnp.zeros((block,), jnp.int32)
-        init = (t_start, izero, izero, flat0, h0.astype(dtype), izero, izero, acc0)
-        _, _, _, _, _, status, steps, acc = jax.lax.fori_loop(0, e_dim, event, init)
+        k1_0 = field(t_start, flat0, u0, r0) if fsal else []
+        init = (t_start, izero, izero, flat0, h0.astype(dtype), izero, izero, acc0, k1_0,
+                izero)
+        _, _, _, _, _, status, steps, acc, _, _ = jax.lax.fori_loop(0, e_dim, event, init)
         if data is not None:
             hs, gs, cost = acc
             for a, v in enumerate(hs):
