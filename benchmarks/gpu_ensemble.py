@@ -18,7 +18,8 @@ float32. For each N it times, after a warm-up call (compile time reported apart)
   between the shared dose times;
 - `gauss_newton_kernel` vs `gauss_newton_jacfwd`: one Gauss–Newton iteration (7 free
   parameters, each patient's JᵀJ and Jᵀr over its 289 observations): the kernel's
-  in-kernel normal equations vs `vmap(jacfwd)` of the diffrax backend (forward mode).
+  in-kernel normal equations (Tsit5; `gauss_newton_kernel_rk4`: RK4, 1-min steps) vs
+  `vmap(jacfwd)` of the diffrax backend (forward mode).
 - `calibrate_kernel`: a full batched calibration (30 Levenberg–Marquardt iterations) on the
   kernel backend, with the median relative error of each free parameter.
 
@@ -339,7 +340,7 @@ def bench_gauss_newton(n: int, out, args):
 
     data = (sched, ts_b, mask, k_obs, y, weight)  # arguments, not closed-over constants
 
-    def kernel_gn(th, data):
+    def kernel_gn(th, data, opts=opts):
         sched, ts_b, mask, k_obs, y, weight = data
         # d theta / d z along each free parameter (log/logit transforms: one parameter
         # each), as calibration passes them
@@ -352,6 +353,12 @@ def bench_gauss_newton(n: int, out, args):
 
     c, r, (h_k, g_k) = timed(jax.jit(kernel_gn), theta, data)
     emit(record("gauss_newton_kernel", n, c, r, n_free=len(FREE), n_obs=m), out)
+    # the same with fixed RK4 steps (4 stages, fewer live registers than Tsit5's 7)
+    rk4 = SolverOptions(method="rk4", dt0=RK4_DT, backend="kernel")
+    results: dict = {}
+    attempt("gauss_newton_kernel_rk4", n, out, results,
+            lambda: timed(jax.jit(lambda th, d: kernel_gn(th, d, rk4)), theta, data)[:2]
+            + (None,), None)
     if n > args.jacfwd_max_n:
         emit({"benchmark": "gpu_ensemble", "variant": "gauss_newton_jacfwd", "N": n,
               "skipped": f"N above --jacfwd-max-n {args.jacfwd_max_n}"}, out)
