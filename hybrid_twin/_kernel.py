@@ -80,7 +80,7 @@ class Prepared(eqx.Module):
     (events x patients) beyond the save times is built outside the kernel.
 
     ts (N, M): save times as solved (nondecreasing, within [t0, t_end]); ts_lanes (M, N):
-    the same, patients last; t0, t_end (1, N): start and end. q_t (Q, N): the other
+    the same, patients last, or (M,) when all patients share them; t0, t_end (1, N): start and end. q_t (Q, N): the other
     events' times, sorted (observations come first at equal times), +inf for unused
     slots; q_jump, q_state (Q, N): the bolus each adds (0 for the others) and the state it
     enters. Segment k runs from other event k - 1 (t0 for k = 0) to other event k;
@@ -112,11 +112,12 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
     [t0, last save time]."""
     from .simulate import _dose_routing
 
-    n = save_ts.shape[0]
+    n = sched.dose_times.shape[0]
+    m = save_ts.shape[-1]
     s = model.n_states
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
+    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=save_ts.ndim - 1)
     ts = jnp.maximum(ts, t0)
-    t_end = jnp.maximum(ts[:, -1], t0)
+    t_end = jnp.broadcast_to(jnp.maximum(ts[..., -1], t0), (n,))
     tgt_state, tgt_scale = _dose_routing(model)
     d_state = jnp.asarray(tgt_state)[sched.dose_targets]
     d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
@@ -187,7 +188,8 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
     def last(x):
         return None if x is None else jnp.moveaxis(x, 0, -1)
 
-    return Prepared(ts=ts, ts_lanes=ts.T, t0=jnp.full((1, n), t0, dtype),
+    return Prepared(ts=jnp.broadcast_to(ts, (n, m)), ts_lanes=ts.T,
+                    t0=jnp.full((1, n), t0, dtype),
                     t_end=t_end[None, :], q_t=q_t.T, q_jump=q_jump.T, q_state=q_state.T,
                     rate=last(rate), anchor=None if u_a is None else anchor.T,
                     u_a=last(u_a), u_slope=last(u_slope))
@@ -313,7 +315,9 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         ins.append(x)
 
     add(theta.T)
-    for x in (prep.ts_lanes, prep.t0, prep.t_end, prep.q_t, prep.q_jump, prep.q_state):
+    shared_ts = prep.ts_lanes.ndim == 1  # one (M,) row for every program
+    add(prep.ts_lanes, lanes=not shared_ts)
+    for x in (prep.t0, prep.t_end, prep.q_t, prep.q_jump, prep.q_state):
         add(x)
     if has_rate:
         add(prep.rate)
@@ -457,7 +461,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
             # event axis, one row for all lanes when the schedules are shared.
             t, io, iq, flat, h, status, steps, acc, k1, dirty = carry
             io_c, iq_c = jnp.minimum(io, m_dim - 1), jnp.minimum(iq, q_dim - 1)
-            t_o = jnp.where(io < m_dim, ts_ref[io_c, lane], jnp.inf)
+            t_o = jnp.where(io < m_dim, ts_ref[io_c] if shared_ts else ts_ref[io_c, lane],
+                            jnp.inf)
             t_q = jnp.where(iq < q_dim, qt_ref[iq_c, lane], jnp.inf)
             take_obs = t_o <= t_q
             is_obs = take_obs & (io < m_dim)

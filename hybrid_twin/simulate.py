@@ -385,13 +385,15 @@ def _simulate_compiled(model, params, schedule, save_ts, save_mask, t0, opts, ha
         n = theta.shape[0]
         if schedule.dose_times.ndim == 1:
             schedule = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), schedule)
-        if save_ts.ndim == 1:
+        # the kernel reads save times shared by all patients as one row
+        if save_ts.ndim == 1 and not (opts.backend == "kernel" and save_mask.ndim == 1):
             save_ts = jnp.broadcast_to(save_ts, (n,) + save_ts.shape)
-            save_mask = jnp.broadcast_to(save_mask, (n,) + save_mask.shape)
+        save_mask = jnp.broadcast_to(save_mask, save_ts.shape[:-1] + save_mask.shape[-1:])
         solve = solve_ensemble if opts.backend == "ensemble" else solve_kernel
         ts, ys, status, steps = solve(
             model, theta, schedule, save_ts, save_mask, t0, opts, has_inf)
-        sol = Solution(ts=ts, ys=ys, mask=save_mask, status=status, num_steps=steps)
+        sol = Solution(ts=ts, ys=ys, mask=jnp.broadcast_to(save_mask, ts.shape),
+                       status=status, num_steps=steps)
         return jax.tree.map(lambda x: x[0], sol) if single else sol
     if params.ndim == 1:
         return _solve_one(model, params, schedule, save_ts, save_mask, t0, opts, has_inf)

@@ -282,8 +282,10 @@ def test_auto_backend_and_option_checks(caplog):
 @pytest.mark.parametrize("hybrid", [False, True], ids=["mechanistic", "hybrid"])
 def test_kernel_lowers_to_triton_for_cuda(hybrid):
     """The GPU path (Pallas -> Triton IR), lowered here on CPU for the CUDA platform: the
-    states-only solve and the normal-equation solve with sensitivities, in float32.
-    (Compiling the Triton IR to PTX and running it happen only on a GPU.)"""
+    states-only solve (save times per patient and shared) and the normal-equation solve
+    with sensitivities (dense and single-parameter directions), in float32. (Compiling the
+    Triton IR to PTX and running it happen only on a GPU.)"""
+    from hybrid_twin._kernel import AxisDirections
     from hybrid_twin._kernel import prepare, run_kernel
 
     model, theta, sched, ts = glucose_cohort(256)
@@ -292,21 +294,26 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
     f32 = jnp.float32
     theta = theta.astype(f32)
     sched = jax.tree.map(lambda x: x.astype(f32) if x.dtype == jnp.float64 else x, sched)
-    ts = jnp.broadcast_to(ts.astype(f32), (256, ts.shape[0]))
-    mask = jnp.ones(ts.shape, bool)
+    shared = ts.astype(f32)
+    per_patient = jnp.broadcast_to(shared, (256, ts.shape[0]))
     opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
 
-    def solve(theta, sched, ts, mask, k):
-        prep = prepare(model, sched, ts, mask, f32(0.0), False, f32)
+    def solve(theta, sched, ts, k, axis):
+        prep = prepare(model, sched, ts, jnp.ones(ts.shape, bool), f32(0.0), False, f32)
         m = prep.ts.shape[1]
-        dirs = jnp.broadcast_to(jnp.eye(11, dtype=f32)[:k, None, :], (k, 256, 11)) if k else None
+        dirs = None
+        if k and axis:
+            dirs = AxisDirections(tuple(range(k)), jnp.ones((k, 256), f32))
+        elif k:
+            dirs = jnp.broadcast_to(jnp.eye(11, dtype=f32)[:k, None, :], (k, 256, 11))
         data = (jnp.zeros((m, 256), f32), jnp.ones((m, 256), f32),
                 jnp.zeros((m, 256), jnp.int32)) if k else None
         return run_kernel(model, theta, prep, opts, interpret=False, block=128,
                           directions=dirs, data=data, want_states=not k)
 
-    for k in (0, 5):
-        lowered = jax.jit(solve, static_argnums=4).trace(theta, sched, ts, mask, k).lower(
+    for ts_, k, axis in ((per_patient, 0, False), (shared, 0, False), (per_patient, 5, False),
+                         (per_patient, 5, True)):
+        lowered = jax.jit(solve, static_argnums=(3, 4)).trace(theta, sched, ts_, k, axis).lower(
             lowering_platforms=("cuda",))
         assert "xla.gpu.triton" in lowered.as_text()
 
