@@ -115,7 +115,8 @@ class ErrorModelConfig:
 class SolverConfig:
     """How every solve of the experiment runs (`hybrid_twin.SolverOptions`): backend
     diffrax | ensemble | kernel | auto, method tsit5 | dopri5 | kvaerno5 | rk4 (rk4 with
-    step dt0, kernel only), tolerances and the per-patient step limit."""
+    step dt0, kernel only), tolerances, the per-patient step limit, and for the kernel on
+    a GPU its patients per program (kernel_block, a power of two) and warps per program."""
 
     backend: str = "ensemble"
     method: str = "tsit5"
@@ -123,6 +124,8 @@ class SolverConfig:
     atol: float = 1e-10
     dt0: float | None = None
     max_steps: int = 4096
+    kernel_block: int | None = None
+    kernel_warps: int | None = None
 
 
 @dataclasses.dataclass
@@ -255,7 +258,8 @@ def solver_options(cfg: ExperimentConfig):
 
     s = cfg.solver
     return SolverOptions(method=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
-                         max_steps=s.max_steps, backend=s.backend)
+                         max_steps=s.max_steps, backend=s.backend,
+                         kernel_block=s.kernel_block, kernel_warps=s.kernel_warps)
 
 
 def _validate(cfg: ExperimentConfig) -> None:
@@ -269,7 +273,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     try:
         solver_options(cfg)
     except ValueError as e:
-        raise ConfigError(f"solver: {str(e).removeprefix('SolverOptions: ')}") from None
+        msg = str(e).removeprefix("SolverOptions: ")
+        if msg.startswith("SolverOptions."):  # names one field: name its config key
+            raise ConfigError(msg.replace("SolverOptions.", "solver.", 1)) from None
+        raise ConfigError(f"solver: {msg}") from None
     fr = (cfg.split.train, cfg.split.val, cfg.split.test)
     if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-9:
         raise ConfigError(f"split: train + val + test must be fractions summing to 1, got {fr}")

@@ -123,7 +123,8 @@ class SolverOptions(eqx.Module):
             raise ValueError("SolverOptions: method 'rk4' runs on the kernel backend only")
         if self.kernel_block is not None and (self.kernel_block < 1 or
                                               self.kernel_block & (self.kernel_block - 1)):
-            raise ValueError("SolverOptions.kernel_block must be a power of two")
+            raise ValueError("SolverOptions.kernel_block must be a power of two, got "
+                             f"{self.kernel_block}")
         if self.method == "rk4" and not (self.dt0 and self.dt0 > 0):
             raise ValueError("SolverOptions: method 'rk4' needs a step size dt0 > 0")
 

@@ -74,3 +74,26 @@ def test_learned_terms_and_truth_model_are_checked():
     with pytest.raises(ConfigError, match=r"model.learned\[1\].kind: a neural_ode replaces"):
         load_config("configs/glucose_hybrid.yaml", [
             "model.learned=[{kind: state_correction, states: [G]}, {kind: neural_ode}]"])
+
+
+def test_solver_section_builds_the_solver_options():
+    from hybrid_twin.config import solver_options
+
+    cfg = load_config("configs/quickstart.yaml",
+                      ["solver.backend=kernel", "solver.method=rk4", "solver.dt0=0.5",
+                       "solver.kernel_block=64", "solver.kernel_warps=2",
+                       "solver.max_steps=5000"])
+    opts = solver_options(cfg)
+    assert (opts.backend, opts.method, opts.dt0, opts.kernel_block, opts.kernel_warps,
+            opts.max_steps) == ("kernel", "rk4", 0.5, 64, 2, 5000)
+    with pytest.raises(ConfigError, match=r"solver.kernel_block must be a power of two, got 100"):
+        load_config("configs/quickstart.yaml", ["solver.kernel_block=100"])
+    with pytest.raises(ConfigError, match=r"solver: method 'rk4' needs a step size dt0"):
+        load_config("configs/quickstart.yaml", ["solver.backend=kernel", "solver.method=rk4"])
+    with pytest.raises(ConfigError, match=r"solver: the ensemble backend runs tsit5 and "
+                                          r"dopri5 only; use backend='kernel' for rk4"):
+        load_config("configs/quickstart.yaml", ["solver.method=rk4", "solver.dt0=1"])
+    with pytest.raises(ConfigError, match=r"solver.backend: 'cuda' is not one of"):
+        load_config("configs/quickstart.yaml", ["solver.backend=cuda"])
+    with pytest.raises(ConfigError, match=r"'calibration.rtol' has moved to 'solver.rtol'"):
+        load_config("configs/quickstart.yaml", ["calibration.rtol=1e-6"])
