@@ -72,3 +72,17 @@ void run_all(const float* theta, const float* carbs, const float* insulin, const
                 ctypes.c_int(m), ctypes.c_float(gpu_ensemble.DT_SAVE),
                 ctypes.c_int(int(gpu_ensemble.DT_SAVE / gpu_ensemble.RK4_DT)))
     assert gpu_ensemble.rel_diff(out.T, ref) < 1e-5
+
+
+def test_kernel_ir_figures(capsys):
+    """Outside the kernel, the event preparation moves fewer bytes than the kernel's own
+    output (XLA cost analysis); the solve kernel stores only the states, status and steps."""
+    from benchmarks import kernel_ir
+
+    kernel_ir.main(["--n", "4096"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    by = {x["variant"]: x for x in lines}
+    outside = by["outside_the_kernel"]
+    assert outside["prepare_shared_ts_gb"] < outside["output_gb"]
+    assert by["solve_rk4"]["stores"] == 5 + 2  # BergmanMinimal's 5 states, status, steps
+    assert by["gauss_newton_tsit5"]["loads"] < 100

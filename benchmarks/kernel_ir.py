@@ -1,0 +1,156 @@
+"""What the kernel backend asks of a GPU, measured on any host (no GPU needed).
+
+Two kinds of figures, both independent of the machine's speed:
+
+- memory traffic outside the kernel: XLA's cost analysis ("bytes accessed") of the event
+  preparation (`_kernel.prepare`, with save times shared by all patients and per patient),
+  of the ensemble backend's merged event lists (`_ensemble.merged_events`), and of the
+  transpose of the kernel's (M, S, N) output to `simulate`'s (N, M, S), beside the bytes of
+  the output itself;
+- the Triton IR of the kernels (lowered for CUDA here, as on a GPU): lines, loads, stores,
+  floating-point operations and the values carried through the step loop (a proxy for
+  register pressure) — for the RK4 and Tsit5 solves and the Gauss–Newton normal equations
+  with 7 free parameters (Tsit5 and RK4).
+
+The glucose cohort of `benchmarks.gpu_ensemble` (24 h, three meals with insulin, glucose
+every 5 min, float32). One JSON line per figure set.
+
+    python -m benchmarks.kernel_ir --n 100000 --out benchmarks/results/kernel_ir-cpu.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import device_info, emit  # noqa: E402
+from benchmarks.gpu_ensemble import F32, FREE, RK4_DT, cohort  # noqa: E402
+from hybrid_twin import SolverOptions  # noqa: E402
+
+
+def bytes_accessed(fn, *args) -> float:
+    """XLA's estimate of the bytes `jit(fn)` reads and writes (GB)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return round(float(cost.get("bytes accessed", 0.0)) / 1e9, 4)
+
+
+def best_time(fn, *args, repeats: int = 3) -> float:
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 4)
+
+
+def triton_ir(fn, *args) -> str:
+    """The Triton module of the one pallas_call in `fn`, lowered for CUDA."""
+    from jax._src.pallas.triton import lowering, pallas_call_registration
+
+    captured = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        res = original(*a, **k)
+        captured.append(res.module.operation.get_asm(enable_debug_info=False))
+        return res
+
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
+    (ir,) = captured
+    return ir
+
+
+def ir_stats(ir: str) -> dict:
+    loop = re.search(r"scf\.while.*", ir)
+    carried = len(re.findall(r"tensor<\d+x[fi]\d+>", loop.group(0))) // 2 if loop else 0
+    return {"ir_lines": ir.count("\n"), "loads": ir.count("tt.load"),
+            "stores": ir.count("tt.store"),
+            "float_ops": sum(ir.count(f"arith.{op}f ") for op in ("add", "sub", "mul", "div")),
+            "step_loop_carried_values": carried}
+
+
+def main(argv=None):
+    from hybrid_twin._ensemble import merged_events
+    from hybrid_twin._kernel import AxisDirections, normal_equations, prepare, run_kernel
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    n = args.n
+    model, theta, sched, ts, _, _ = cohort(n)
+    m = int(ts.shape[0])
+    zero = jnp.asarray(0.0, F32)
+    shared_mask = jnp.ones((m,), bool)
+    ts_b, mask_b = jnp.broadcast_to(ts, (n, m)), jnp.ones((n, m), bool)
+
+    def prep_shared(sc):
+        return prepare(model, sc, ts, shared_mask, zero, False, F32)
+
+    def prep_per_patient(sc, t_, m_):
+        return prepare(model, sc, t_, m_, zero, False, F32)
+
+    def merged(sc, t_, m_):
+        return merged_events(model, sc, t_, m_, zero, False, F32)
+
+    out_shape = jax.ShapeDtypeStruct((m, model.n_states, n), F32)
+    emit({"benchmark": "kernel_ir", "variant": "outside_the_kernel", "N": n, **device_info(),
+          "prepare_shared_ts_gb": bytes_accessed(prep_shared, sched),
+          "prepare_per_patient_ts_gb": bytes_accessed(prep_per_patient, sched, ts_b, mask_b),
+          "ensemble_merged_events_gb": bytes_accessed(merged, sched, ts_b, mask_b),
+          "output_transpose_gb": bytes_accessed(lambda x: jnp.moveaxis(x, -1, 0), out_shape),
+          "output_gb": round(m * model.n_states * n * 4 / 1e9, 4),
+          "prepare_shared_ts_cpu_s": best_time(prep_shared, sched),
+          "ensemble_merged_events_cpu_s": best_time(merged, sched, ts_b, mask_b)}, args.out)
+
+    rk4 = SolverOptions(method="rk4", dt0=RK4_DT, backend="kernel")
+    tsit5 = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+    free = [model.index("param", q) for q in FREE]
+    nb = 1024  # the IR does not depend on N
+
+    def solve(th, sc, opts):
+        return run_kernel(model, th, prep_shared(sc), opts, interpret=False)["states"]
+
+    def gauss_newton(th, sc, opts):
+        z = model.to_unconstrained(th)
+        d = jax.jvp(model.from_unconstrained, (z,), (jnp.ones_like(z),))[1]
+        dirs = AxisDirections(tuple(free), d[:, jnp.asarray(free)].T)
+        y, w = jnp.full((th.shape[0], m), 110.0, F32), jnp.full((th.shape[0], m), 0.2, F32)
+        k = jnp.zeros((th.shape[0], m), jnp.int32)
+        return normal_equations(model, th, dirs, sc, jnp.broadcast_to(ts, (th.shape[0], m)),
+                                jnp.ones((th.shape[0], m), bool), k, y, w, zero, opts,
+                                False)["H"]
+
+    import hybrid_twin._kernel as kernel_module
+
+    small = jax.tree.map(lambda x: x[:nb], (theta, sched))
+    interpret_default = kernel_module.interpret_default
+    kernel_module.interpret_default = lambda: False  # normal_equations: the GPU path
+    try:
+        for name, fn, opts in (("solve_rk4", solve, rk4), ("solve_tsit5", solve, tsit5),
+                               ("gauss_newton_tsit5", gauss_newton, tsit5),
+                               ("gauss_newton_rk4", gauss_newton, rk4)):
+            ir = triton_ir(lambda th, sc, fn=fn, opts=opts: fn(th, sc, opts), *small)
+            emit({"benchmark": "kernel_ir", "variant": name, **device_info(),
+                  **ir_stats(ir)}, args.out)
+    finally:
+        kernel_module.interpret_default = interpret_default
+
+
+if __name__ == "__main__":
+    main()
