@@ -73,6 +73,10 @@ def device_info() -> dict[str, Any]:
 
 
 def git_commit() -> str:
+    """The checkout's short commit; HYBRID_TWIN_COMMIT when set (a copy of the tree
+    without its .git, e.g. on a lent GPU machine)."""
+    if os.environ.get("HYBRID_TWIN_COMMIT"):
+        return os.environ["HYBRID_TWIN_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
