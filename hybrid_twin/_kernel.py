@@ -9,15 +9,14 @@ per program.
 Events. Each patient's save times are in order already; its other events (boluses,
 infusion starts and stops, input breakpoints) are few and are sorted outside the kernel,
 with the infusion rates and inputs of each segment between them (`prepare`: nothing of
-size events x patients is built there). The kernel merges the two lists itself, with the
-ordering of the other backends (an observation at a dose time sees the state before the
-dose): in iteration e of its event loop every lane takes its own next event, the earlier
-of its next save time and its next other event, integrates to it (an inner loop of
-Runge–Kutta steps, each lane with its own step size, finished lanes masked), then writes
-that save slot's row or applies the jump. With shared schedules all lanes read and write
-the same rows in the same iteration (coalesced); no step straddles a discontinuity, and
-infusion rates and inputs are constant (or, with linear interpolation, linear) over each
-step.
+size events x patients is built there). The kernel loops over the save slots: in
+iteration s every lane integrates to its own s-th save time (an inner loop of Runge–Kutta
+steps, each lane with its own step size, finished lanes masked), stopping on the way at
+each of its own doses and rate or input changes before that time to apply it, and then
+all lanes write output row s together (coalesced stores). The ordering is the other
+backends' (an observation at a dose time sees the state before the dose); no step
+straddles a discontinuity, and infusion rates and inputs are constant (or, with linear
+interpolation, linear) over each step.
 
 Methods: fixed-step "rk4" (`SolverOptions.dt0`, steps shortened to land on events) and the
 adaptive pairs "tsit5" and "dopri5" (diffrax's tableaus) with the same step-size control,
@@ -74,7 +73,7 @@ def interpret_default() -> bool:
 class Prepared(eqx.Module):
     """A batch's save times and its other events, patients on the last axis.
 
-    The kernel merges the two lists itself: save times are in order already, and the
+    The kernel walks the two lists itself: save times are in order already, and the
     other events (boluses, infusion starts and stops, input breakpoints; Q of them) are
     few, so only they are sorted here, per patient, and nothing of size
     (events x patients) beyond the save times is built outside the kernel.
@@ -265,7 +264,6 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
     s_dim = model.n_states
     m_dim = prep.ts.shape[1]
     q_dim = prep.q_t.shape[0]
-    e_dim = m_dim + q_dim  # events: every save slot and every other-event slot
     axis_dirs = isinstance(directions, AxisDirections)
     k_dim = 0 if directions is None else (
         len(directions.index) if axis_dirs else directions.shape[0])
@@ -455,49 +453,75 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
         land_tol = 8 * float(jnp.finfo(dtype).eps)
         acc0 = ([zero] * len(tri), [zero] * kk, zero) if data is not None else None
 
-        def event(e, carry):
-            # Merge on the fly: each lane's next save time (io) and next other event (iq);
-            # the observation goes first at equal times. Loads are gathers along the
-            # event axis, one row for all lanes when the schedules are shared.
-            t, io, iq, flat, h, status, steps, acc, k1, dirty = carry
-            io_c, iq_c = jnp.minimum(io, m_dim - 1), jnp.minimum(iq, q_dim - 1)
-            t_o = jnp.where(io < m_dim, ts_ref[io_c] if shared_ts else ts_ref[io_c, lane],
-                            jnp.inf)
-            t_q = jnp.where(iq < q_dim, qt_ref[iq_c, lane], jnp.inf)
-            take_obs = t_o <= t_q
-            is_obs = take_obs & (io < m_dim)
-            is_q = ~take_obs & jnp.isfinite(t_q)
-            t_ev = jnp.where(is_obs | is_q, jnp.minimum(t_o, t_q), t)  # none left: stay
-            rate = ([rate_ref[iq, i, lane] for i in range(s_dim)] if has_rate
-                    else [zero] * s_dim)
-            if n_in:
-                anchor = anchor_ref[iq, lane]
-                ua = [ua_ref[iq, c, lane] for c in range(n_in)]
-                us = [us_ref[iq, c, lane] for c in range(n_in)]
+        def load_segment(iq):
+            """Infusion rates and inputs of segment iq (after other event iq - 1)."""
+            rate = [rate_ref[iq, i, lane] for i in range(s_dim)] if has_rate else []
+            if not n_in:
+                return rate, []
+            return rate, ([anchor_ref[iq, lane]] + [ua_ref[iq, c, lane] for c in range(n_in)]
+                          + [us_ref[iq, c, lane] for c in range(n_in)])
 
-                def u_at(tq):
-                    return {nm: ua[c] + (tq - anchor) * us[c]
-                            for c, nm in enumerate(input_names)}
-            else:
-                def u_at(tq):
-                    return zero_inputs
+        def seg_rate(seg):
+            return seg[0] if has_rate else [zero] * s_dim
 
-            if fsal:  # the first stage anew where the last event was a dose or a change
-                def refresh(k):
-                    f = field(t, flat, u_at(t), rate)
-                    return [jnp.where(dirty > 0, a, b) for a, b in zip(f, k)]
+        def seg_u_at(seg):
+            if not n_in:
+                return lambda tq: zero_inputs
+            anchor, ua, us = seg[1][0], seg[1][1:1 + n_in], seg[1][1 + n_in:]
+            return lambda tq: {nm: ua[c] + (tq - anchor) * us[c]
+                               for c, nm in enumerate(input_names)}
 
-                k1 = jax.lax.cond(jnp.max(dirty) > 0, refresh, lambda k: k, k1)
+        def next_other(iq):
+            return jnp.where(iq < q_dim, qt_ref[jnp.minimum(iq, q_dim - 1), lane], jnp.inf)
+
+        def slot(s, carry):
+            # Iteration s: every lane integrates to its own s-th save time, applying on the
+            # way the doses (and rate or input changes) it meets strictly before it, then
+            # all lanes write row s together. A dose at the save time comes after the
+            # sample (it is met in iteration s + 1).
+            t, flat, h, status, steps, acc, k1, iq, t_q, seg = carry
+            t_o = ts_ref[s]
+
+            def pending_of(t_, st_, tq_):
+                return (st_ == 0) & (tq_ <= t_) & (tq_ < t_o)
 
             def cond(c):
-                t_, _, _, st_, _, _ = c
-                return jnp.max(((t_ < t_ev) & (st_ == 0)).astype(jnp.int32)) > 0
+                t_, _, _, st_, _, _, _, tq_, _, _, _ = c
+                run = ((t_ < t_o) & (st_ == 0)) | pending_of(t_, st_, tq_)
+                return jnp.max(run.astype(jnp.int32)) > 0
 
             def body(c):
-                t_, fl, h_, st_, sp_, k1_ = c
-                active = (t_ < t_ev) & (st_ == 0)
+                t_, fl, h_, st_, sp_, k1_, iq_, tq_, seg_, tseg_, spseg_ = c
+                pending = pending_of(t_, st_, tq_)
+
+                def apply_dose(args):
+                    # one due dose per lane: the jump, the next other event, the new
+                    # segment's rates and inputs, and (FSAL) the first stage anew
+                    fl, k1_, iq_, tq_, seg_, tseg_, spseg_ = args
+                    iq_c = jnp.minimum(iq_, q_dim - 1)
+                    amount = jnp.where(pending, qjump_ref[iq_c, lane], 0.0)
+                    target = qstate_ref[iq_c, lane]
+                    fl = [v + jnp.where(target == i, amount, 0.0) if i < s_dim else v
+                          for i, v in enumerate(fl)]
+                    iq_ = iq_ + pending.astype(jnp.int32)
+                    tq_ = jnp.where(pending, next_other(iq_), tq_)
+                    seg_ = jax.tree.map(lambda a, b: jnp.where(pending, a, b),
+                                        load_segment(iq_), seg_)
+                    tseg_ = jnp.where(pending, t_, tseg_)
+                    spseg_ = jnp.where(pending, sp_, spseg_)
+                    if fsal:
+                        f = field(t_, fl, seg_u_at(seg_)(t_), seg_rate(seg_))
+                        k1_ = [jnp.where(pending, a, b) for a, b in zip(f, k1_)]
+                    return fl, k1_, iq_, tq_, seg_, tseg_, spseg_
+
+                fl, k1_, iq_, tq_, seg_, tseg_, spseg_ = jax.lax.cond(
+                    jnp.max(pending.astype(jnp.int32)) > 0, apply_dose, lambda a: a,
+                    (fl, k1_, iq_, tq_, seg_, tseg_, spseg_))
+                # step towards the next dose before the sample, else the sample
+                t_ev = jnp.where(tq_ < t_o, tq_, t_o)
+                active = (t_ < t_o) & (st_ == 0) & ~pending_of(t_, st_, tq_)
                 gap = t_ev - t_
-                # a step that reaches the event within rounding of t lands on it (one
+                # a step that reaches its target within rounding of t lands on it (one
                 # ending a few ulps short would leave a needless tiny step)
                 tol = land_tol * jnp.maximum(jnp.abs(t_ev), 1.0)
                 if adaptive:
@@ -505,12 +529,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     h_try = jnp.where(active, jnp.where(clipped, gap, h_), 1.0)
                     t_next = t_ + h_try
                 else:
-                    # fixed steps on the grid t_seg + k dt0 of this event's segment,
+                    # fixed steps on the grid tseg + k dt0 from the last sample or dose,
                     # not accumulated one by one (no drift in float32)
-                    t_next = t_seg + (sp_ - sp_seg + 1).astype(dtype) * h_
+                    t_next = tseg_ + (sp_ - spseg_ + 1).astype(dtype) * h_
                     clipped = t_next >= t_ev - tol
                     h_try = jnp.where(active, jnp.where(clipped, gap, t_next - t_), 1.0)
-                new, err, k_last = rk_step(t_, fl, h_try, u_at, rate, k1_ if fsal else None)
+                new, err, k_last = rk_step(t_, fl, h_try, seg_u_at(seg_), seg_rate(seg_),
+                                           k1_ if fsal else None)
                 finite = jnp.ones((block,), bool)
                 for v in new:
                     finite = finite & jnp.isfinite(v)
@@ -541,27 +566,30 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     st_ = jnp.where(tiny, jnp.where(finite, 3, 2), st_)
                 else:
                     st_ = jnp.where(active & ~finite, 2, st_)
-                st_ = jnp.where((st_ == 0) & (t_ < t_ev) & (sp_ >= opts.max_steps), 1, st_)
+                st_ = jnp.where((st_ == 0) & (t_ < t_o) & (sp_ >= opts.max_steps), 1, st_)
                 if fsal:
                     k1_ = [jnp.where(accept, a, b) for a, b in zip(k_last, k1_)]
-                return t_, fl, h_, st_.astype(jnp.int32), sp_, k1_
+                # a step that landed on a dose time starts the grid anew there
+                landed = accept & clipped & (t_ev < t_o)
+                tseg_ = jnp.where(landed, t_, tseg_)
+                spseg_ = jnp.where(landed, sp_, spseg_)
+                return (t_, fl, h_, st_.astype(jnp.int32), sp_, k1_, iq_, tq_, seg_, tseg_,
+                        spseg_)
 
-            t_seg, sp_seg = t, steps
-            t, flat, h, status, steps, k1 = jax.lax.while_loop(
-                cond, body, (t, flat, h, status, steps, k1))
-            # an observation writes its save slot's row (one row for all lanes when the
-            # schedules are shared: coalesced); other events write nothing
+            t, flat, h, status, steps, k1, iq, t_q, seg, _, _ = jax.lax.while_loop(
+                cond, body, (t, flat, h, status, steps, k1, iq, t_q, seg, t, steps))
+            # all lanes write row s (coalesced)
             if want_states:
                 for row, i in enumerate(saved):
-                    plgpu.store(states_ref.at[io_c, row, lane], flat[i], mask=is_obs)
+                    states_ref[s, row] = flat[i]
             if want_sens:
                 for i in range(k_dim * s_dim):
-                    plgpu.store(sens_ref.at[io_c, i, lane], flat[s_dim + i], mask=is_obs)
+                    sens_ref[s, i] = flat[s_dim + i]
             if data is not None:
                 hs, gs, cost = acc
-                w = w_ref[io_c, lane]
-                use = is_obs & (w > 0)
-                ko = kobs_ref[io_c, lane]
+                w = w_ref[s]
+                use = w > 0
+                ko = kobs_ref[s]
                 y = tuple(flat[:s_dim])
 
                 def f_sel(yy, pp):
@@ -569,7 +597,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                     return _pick(vals, ko, n_obs_kinds)
 
                 f = f_sel(y, p)
-                r = jnp.where(use, (yobs_ref[io_c, lane] - f) * w, 0.0)
+                r = jnp.where(use, (yobs_ref[s] - f) * w, 0.0)
                 cost = cost + 0.5 * r * r
                 js = []
                 for k in range(k_dim):
@@ -580,19 +608,14 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, opts, 
                 hs = [hv + js[a] * js[b] if b < len(js) else hv
                       for hv, (a, b) in zip(hs, tri)]
                 acc = (hs, gs, cost)
-            amount = jnp.where(is_q, qjump_ref[iq_c, lane], 0.0)
-            target = qstate_ref[iq_c, lane]
-            flat = [v + jnp.where(target == i, amount, 0.0) if i < s_dim else v
-                    for i, v in enumerate(flat)]
-            io = io + is_obs.astype(jnp.int32)
-            iq = iq + is_q.astype(jnp.int32)
-            return t, io, iq, flat, h, status, steps, acc, k1, is_q.astype(jnp.int32)
+            return t, flat, h, status, steps, acc, k1, iq, t_q, seg
 
         izero = jnp.zeros((block,), jnp.int32)
-        k1_0 = field(t_start, flat0, u0, r0) if fsal else []
-        init = (t_start, izero, izero, flat0, h0.astype(dtype), izero, izero, acc0, k1_0,
-                izero)
-        _, _, _, _, _, status, steps, acc, _, _ = jax.lax.fori_loop(0, e_dim, event, init)
+        seg0 = load_segment(izero)
+        k1_0 = field(t_start, flat0, seg_u_at(seg0)(t_start), seg_rate(seg0)) if fsal else []
+        init = (t_start, flat0, h0.astype(dtype), izero, izero, acc0, k1_0, izero,
+                next_other(izero), seg0)
+        _, _, _, status, steps, acc, _, _, _, _ = jax.lax.fori_loop(0, m_dim, slot, init)
         if data is not None:
             hs, gs, cost = acc
             for a, v in enumerate(hs):
