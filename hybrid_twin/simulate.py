@@ -75,7 +75,8 @@ class SolverOptions(eqx.Module):
             with respect to the parameters; rk4, tsit5, dopri5; `max_steps` per patient
             in total. See `hybrid_twin/_kernel.py`. "auto": the kernel on a GPU when the
             method allows it, otherwise diffrax (the reason is logged).
-        dt0: fixed step of "rk4" (model time unit); steps are shortened to land on events.
+        dt0: fixed step of "rk4" (model time unit): steps on the grid t_e + k dt0 from
+            each sample or dose time t_e, the last one shortened to land on the next.
         kernel_block, kernel_warps: patients per kernel program (a power of two; default
             128 on GPU) and warps per program (default 4), for tuning on a GPU.
     """
