@@ -58,6 +58,8 @@ def triton_ir(fn, *args) -> str:
     """The Triton module of the one pallas_call in `fn`, lowered for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration
 
+    from hybrid_twin._kernel import lower_for_cuda
+
     captured = []
     original = lowering.lower_jaxpr_to_triton_module
 
@@ -68,7 +70,7 @@ def triton_ir(fn, *args) -> str:
 
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        lower_for_cuda(fn, *args)
     finally:
         pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
     (ir,) = captured

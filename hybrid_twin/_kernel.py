@@ -730,6 +730,22 @@ def normal_equations(model: MechanisticModel, theta: jax.Array,
                       want_states=False)
 
 
+def lower_for_cuda(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """`jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))`, on any host: Pallas
+    kernels in `fn` are lowered to Triton IR for CUDA. Newer JAX takes the GPU's kind from
+    the device or, on a host without one, from an abstract device (here `device_kind`)."""
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    except RuntimeError as e:
+        if "AbstractDevice" not in str(e):
+            raise
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    gpu = AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with use_abstract_mesh(AbstractMesh((1,), ("gpu",), abstract_device=gpu)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
 _SUPPORT_CACHE: dict = {}
 
 
@@ -753,12 +769,12 @@ def kernel_support(model: MechanisticModel) -> str | None:
     mask = jnp.ones((n, 2), bool)
     opts = SolverOptions(method="rk4", dt0=0.5, backend="kernel")
 
-    def solve(th):
+    def solve(th, sched, ts, mask):
         prep = prepare(model, sched, ts, mask, f32(0.0), False, f32)
         return run_kernel(model, th, prep, opts, interpret=False, block=n)["states"]
 
     try:
-        jax.jit(solve).trace(theta).lower(lowering_platforms=("cuda",))
+        lower_for_cuda(solve, theta, sched, ts, mask)
         reason = None
     except Exception as e:  # noqa: BLE001 - any lowering failure means "not supported"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -285,7 +285,7 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
     states-only solve (save times per patient and shared) and the normal-equation solve
     with sensitivities (dense and single-parameter directions), in float32. (Compiling the
     Triton IR to PTX and running it happen only on a GPU.)"""
-    from hybrid_twin._kernel import AxisDirections
+    from hybrid_twin._kernel import AxisDirections, lower_for_cuda
     from hybrid_twin._kernel import prepare, run_kernel
 
     model, theta, sched, ts = glucose_cohort(256)
@@ -313,8 +313,8 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
 
     for ts_, k, axis in ((per_patient, 0, False), (shared, 0, False), (per_patient, 5, False),
                          (per_patient, 5, True)):
-        lowered = jax.jit(solve, static_argnums=(3, 4)).trace(theta, sched, ts_, k, axis).lower(
-            lowering_platforms=("cuda",))
+        lowered = lower_for_cuda(lambda th, sc, t_, k=k, axis=axis: solve(th, sc, t_, k, axis),
+                                 theta, sched, ts_)
         assert "xla.gpu.triton" in lowered.as_text()
 
 
