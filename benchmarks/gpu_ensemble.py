@@ -209,7 +209,6 @@ def bench_simulate(n: int, ref, out, args):
         lambda th, pr: run_kernel(model, th, pr, opts, save_states=(0,))["states"][..., 0])
     attempt("kernel_rk4_glucose_only", n, out, results,
             lambda: timed(glucose_only, theta, prep), ref)
-    del prep
     # hand-written CUDA
     try:
         import cupy as cp
