@@ -17,6 +17,8 @@ not (`lax.while_loop`), so `jax.grad` needs the diffrax backend.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -71,30 +73,71 @@ def _event_order(times, ok, rank, m: int):
     return jnp.zeros_like(pos).at[pos].set(jnp.arange(m + q, dtype=i32), unique_indices=True)
 
 
-def _events_one(sched, save_ts, save_mask, t0, t_end, d_state, d_scale, has_inf, dtype):
-    """One patient's merged, sorted event list: real events first, by time, observations
-    before other events at equal times; also returns the number of real events."""
-    m = save_ts.shape[0]
+def save_times(save_ts, save_mask, t0, dtype):
+    """Save times as solved, over the last axis: padded slots take the running maximum
+    (the sequence stays sorted), none before t0; and the last of them, t_end."""
+    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=save_ts.ndim - 1)
+    ts = jnp.maximum(ts, t0)
+    return ts, jnp.maximum(ts[..., -1], t0)
+
+
+class DoseEvents(NamedTuple):
+    """A schedule's doses and its events besides observations, over the last axis (any
+    leading batch axes). Per dose (D): target state and scale, whether it is an infusion,
+    and its duration. Per event (Q = D doses, then D infusion stops when `has_inf`, then
+    the input breakpoints): time (unclipped), whether it is real, kind (EV_DOSE for a
+    bolus, else EV_NONE), the jump it adds and the state it enters."""
+
+    d_state: jax.Array
+    d_scale: jax.Array
+    is_inf: jax.Array
+    dur: jax.Array
+    times: jax.Array
+    ok: jax.Array
+    kind: jax.Array
+    jump: jax.Array
+    state: jax.Array
+
+
+def dose_events(model: MechanisticModel, sched, has_inf: bool, dtype) -> DoseEvents:
+    """The `DoseEvents` of a schedule (one patient's or a batch's)."""
+    from .simulate import _dose_routing
+
+    tgt_state, tgt_scale = _dose_routing(model)
+    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
+    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
     is_inf = sched.dose_mask & (sched.dose_rates > 0)
     is_bolus = sched.dose_mask & ~is_inf
     dur = jnp.where(is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
-    n_stop = dur.shape[0] if has_inf else 0
-    n_k = sched.input_times.shape[0]
-    times = jnp.concatenate([save_ts, sched.dose_times, (sched.dose_times + dur)[:n_stop],
-                             sched.input_times]).astype(dtype)
-    ok = jnp.concatenate([save_mask, sched.dose_mask, is_inf[:n_stop], sched.input_mask])
-    kind = jnp.concatenate([
-        jnp.full((m,), EV_OBS), jnp.where(is_bolus, EV_DOSE, EV_NONE),
-        jnp.full((n_stop + n_k,), EV_NONE)]).astype(jnp.int32)
-    kind = jnp.where(ok, kind, EV_NONE)
+    lead, n_k = sched.dose_times.shape[:-1], sched.input_times.shape[-1]
+    n_rest = (dur.shape[-1] if has_inf else 0) + n_k
+    stops_t = [sched.dose_times + dur] if has_inf else []
+    stops_ok = [is_inf] if has_inf else []
+    times = jnp.concatenate([x.astype(dtype) for x in
+                             [sched.dose_times, *stops_t, sched.input_times]], axis=-1)
+    ok = jnp.concatenate([sched.dose_mask, *stops_ok, sched.input_mask], axis=-1)
+    kind = jnp.concatenate([jnp.where(is_bolus, EV_DOSE, EV_NONE),
+                            jnp.full(lead + (n_rest,), EV_NONE)], axis=-1).astype(jnp.int32)
+    jump = jnp.concatenate([jnp.where(is_bolus, sched.dose_amounts * d_scale, 0).astype(dtype),
+                            jnp.zeros(lead + (n_rest,), dtype)], axis=-1)
+    state = jnp.concatenate([d_state.astype(jnp.int32),
+                             jnp.zeros(lead + (n_rest,), jnp.int32)], axis=-1)
+    return DoseEvents(d_state, d_scale, is_inf, dur, times, ok, kind, jump, state)
+
+
+def _events_one(save_ts, save_mask, t0, t_end, ev: DoseEvents, dtype):
+    """One patient's merged, sorted event list: real events first, by time, observations
+    before other events at equal times; also returns the number of real events."""
+    m, q = save_ts.shape[0], ev.times.shape[0]
+    times = jnp.concatenate([save_ts.astype(dtype), ev.times])
+    ok = jnp.concatenate([save_mask, ev.ok])
+    kind = jnp.where(ok, jnp.concatenate([jnp.full((m,), EV_OBS, jnp.int32), ev.kind]),
+                     EV_NONE)
     times = jnp.where(ok, jnp.clip(times, t0, t_end), t_end)
-    rank = jnp.concatenate([2 * jnp.arange(m), jnp.full((times.shape[0] - m,), 2 * m)])
-    obs_idx = jnp.concatenate([jnp.arange(m), jnp.zeros((times.shape[0] - m,), jnp.int32)])
-    jump = jnp.concatenate([jnp.zeros((m,), dtype),
-                            jnp.where(is_bolus, sched.dose_amounts * d_scale, 0),
-                            jnp.zeros((n_stop + n_k,), dtype)]).astype(dtype)
-    state = jnp.concatenate([jnp.zeros((m,), jnp.int32), d_state,
-                             jnp.zeros((n_stop + n_k,), jnp.int32)])
+    rank = jnp.concatenate([2 * jnp.arange(m), jnp.full((q,), 2 * m)])
+    obs_idx = jnp.concatenate([jnp.arange(m), jnp.zeros((q,), jnp.int32)])
+    jump = jnp.concatenate([jnp.zeros((m,), dtype), ev.jump])
+    state = jnp.concatenate([jnp.zeros((m,), jnp.int32), ev.state])
     order = _event_order(times, ok, rank, m)
     return (times[order], kind[order], obs_idx[order].astype(jnp.int32), jump[order],
             state[order], jnp.sum(ok))
@@ -107,18 +150,11 @@ def merged_events(model: MechanisticModel, sched, save_ts, save_mask, t0, has_in
     Returns (ts (N, M), d_state, d_scale (N, D): each dose's target state and scale,
     then `_events_one`'s (times, kind, obs slot, jump, jump state, number real), (N, E)).
     """
-    from .simulate import _dose_routing
-
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=1)
-    ts = jnp.maximum(ts, t0)
-    t_end = jnp.maximum(ts[:, -1], t0)
-    tgt_state, tgt_scale = _dose_routing(model)
-    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
-    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
-    events = jax.vmap(
-        lambda sc, st, sm, te, ds, dsc: _events_one(sc, st, sm, t0, te, ds, dsc, has_inf, dtype)
-    )(sched, ts, save_mask, t_end, d_state, d_scale)
-    return (ts, d_state, d_scale, *events)
+    ts, t_end = save_times(save_ts, save_mask, t0, dtype)
+    ev = dose_events(model, sched, has_inf, dtype)
+    events = jax.vmap(lambda st, sm, te, e: _events_one(st, sm, t0, te, e, dtype))(
+        ts, save_mask, t_end, ev)
+    return (ts, ev.d_state, ev.d_scale, *events)
 
 
 def solve_ensemble(

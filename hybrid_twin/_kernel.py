@@ -47,7 +47,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ._ensemble import FACTOR_MAX, FACTOR_MIN, SAFETY, _event_order
+from ._ensemble import (
+    FACTOR_MAX,
+    FACTOR_MIN,
+    SAFETY,
+    _event_order,
+    dose_events,
+    save_times,
+)
 from .hybrid import lanes_mode
 from .models.base import MechanisticModel
 
@@ -109,31 +116,15 @@ def prepare(model: MechanisticModel, sched, save_ts, save_mask, t0, has_inf: boo
     The event conventions are the other backends' (`_ensemble._events_one`): an
     observation at a dose time sees the state before the dose; events are clipped to
     [t0, last save time]."""
-    from .simulate import _dose_routing
-
     n = sched.dose_times.shape[0]
     m = save_ts.shape[-1]
     s = model.n_states
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype), axis=save_ts.ndim - 1)
-    ts = jnp.maximum(ts, t0)
-    t_end = jnp.broadcast_to(jnp.maximum(ts[..., -1], t0), (n,))
-    tgt_state, tgt_scale = _dose_routing(model)
-    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
-    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
-    is_inf = sched.dose_mask & (sched.dose_rates > 0)
-    is_bolus = sched.dose_mask & ~is_inf
-    dur = jnp.where(is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
-    n_d, n_k = sched.dose_times.shape[1], sched.input_times.shape[1]
-    n_stop = n_d if has_inf else 0
-    parts_t = [sched.dose_times] + ([sched.dose_times + dur] if has_inf else []) + [
-        sched.input_times]
-    parts_ok = [sched.dose_mask] + ([is_inf] if has_inf else []) + [sched.input_mask]
-    times = jnp.concatenate([x.astype(dtype) for x in parts_t], axis=1)
-    ok = jnp.concatenate(parts_ok, axis=1)
-    jump = jnp.concatenate([jnp.where(is_bolus, sched.dose_amounts * d_scale, 0).astype(dtype),
-                            jnp.zeros((n, n_stop + n_k), dtype)], axis=1)
-    state = jnp.concatenate([d_state.astype(jnp.int32),
-                             jnp.zeros((n, n_stop + n_k), jnp.int32)], axis=1)
+    ts, t_end = save_times(save_ts, save_mask, t0, dtype)
+    t_end = jnp.broadcast_to(t_end, (n,))
+    ev = dose_events(model, sched, has_inf, dtype)
+    d_state, d_scale, is_inf, dur = ev.d_state, ev.d_scale, ev.is_inf, ev.dur
+    times, ok, jump, state = ev.times, ev.ok, ev.jump, ev.state
+    n_k = sched.input_times.shape[1]
     if times.shape[1] == 0:  # nothing but observations: one unused slot
         times, ok = jnp.zeros((n, 1), dtype), jnp.zeros((n, 1), bool)
         jump, state = jnp.zeros((n, 1), dtype), jnp.zeros((n, 1), jnp.int32)

@@ -236,18 +236,13 @@ def _solve_one(
     p = model.param_dict(theta)
     y0 = jnp.stack([jnp.broadcast_to(jnp.asarray(c, dtype), ()) for c in model.initial_state(p)])
 
-    # Save times: padded slots take the running maximum so the sequence stays sorted.
-    ts = jax.lax.cummax(jnp.where(save_mask, save_ts, t0).astype(dtype))
-    ts = jnp.maximum(ts, t0)
-    t_end = jnp.maximum(ts[-1], t0)
+    from ._ensemble import dose_events, save_times
 
-    # Dose routing: target index -> state index and scale.
-    tgt_state, tgt_scale = _dose_routing(model)
-    d_state = jnp.asarray(tgt_state)[sched.dose_targets]
-    d_scale = jnp.asarray(tgt_scale, dtype)[sched.dose_targets]
-    is_inf = sched.dose_mask & (sched.dose_rates > 0)
+    ts, t_end = save_times(save_ts, save_mask, t0, dtype)
+    # Dose routing (target index -> state index and scale), infusions and their durations.
+    ev = dose_events(model, sched, has_infusions, dtype)
+    d_state, d_scale, is_inf, duration = ev.d_state, ev.d_scale, ev.is_inf, ev.dur
     is_bolus = sched.dose_mask & ~is_inf
-    duration = jnp.where(is_inf, sched.dose_amounts / jnp.where(is_inf, sched.dose_rates, 1), 0)
     inf_start = sched.dose_times
     inf_stop = sched.dose_times + duration
     inf_rate_state = jnp.where(is_inf, sched.dose_rates * d_scale, 0)
