@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks.common import device_info, emit  # noqa: E402
-from benchmarks.gpu_ensemble import F32, FREE, RK4_DT, cohort  # noqa: E402
+from benchmarks.gpu_ensemble import F32, FREE, RK4_DT, cohort, timed  # noqa: E402
 from hybrid_twin import SolverOptions  # noqa: E402
 
 
@@ -43,15 +41,9 @@ def bytes_accessed(fn, *args) -> float:
     return round(float(cost.get("bytes accessed", 0.0)) / 1e9, 4)
 
 
-def best_time(fn, *args, repeats: int = 3) -> float:
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        best = min(best, time.perf_counter() - t0)
-    return round(best, 4)
+def best_time(fn, *args) -> float:
+    """Best of three runs of `jit(fn)` after a warm-up (s)."""
+    return round(timed(jax.jit(fn), *args)[1], 4)
 
 
 def triton_ir(fn, *args) -> str:
