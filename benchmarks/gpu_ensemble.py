@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import device_info, emit  # noqa: E402
-from hybrid_twin import Schedule, SolverOptions, simulate  # noqa: E402
+from hybrid_twin import RK4, Kernel, Schedule, SolverOptions, StepSizeController, simulate  # noqa: E402
 from hybrid_twin.models import BergmanMinimal  # noqa: E402
 from hybrid_twin.population import sample_params  # noqa: E402
 
@@ -157,7 +157,7 @@ def reference(n_ref: int, n: int):
     with jax.default_device(cpu):
         sol = simulate(model, jnp.asarray(np.asarray(theta)[:n_ref], jnp.float64),
                        jax.tree.map(jnp.asarray, sel), jnp.asarray(ts, jnp.float64),
-                       options=SolverOptions(rtol=1e-10, atol=1e-10, max_steps=100_000))
+                       options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-10), max_steps=100_000))
     return np.asarray(sol.ys[..., 0])
 
 
@@ -174,9 +174,9 @@ def record(name, n, compile_s, run_s, ref=None, glucose=None, **extra):
 def bench_simulate(n: int, ref, out, args):
     model, theta, sched, ts, carbs, insulin = cohort(n)
     variants = {
-        "diffrax": SolverOptions(rtol=1e-5, atol=1e-6, backend="diffrax"),
-        "kernel_rk4": SolverOptions(method="rk4", dt0=RK4_DT, backend="kernel"),
-        "kernel_tsit5": SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel"),
+        "diffrax": SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6), backend="diffrax"),
+        "kernel_rk4": SolverOptions(method=RK4(RK4_DT), backend="kernel"),
+        "kernel_tsit5": SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6), backend="kernel"),
     }
     results = {}
     for name, opts in variants.items():
@@ -189,24 +189,27 @@ def bench_simulate(n: int, ref, out, args):
     # other patients-per-program block sizes (the default is 128 on GPU)
     if n == max(args.n):
         for block in args.blocks:
-            o = dataclasses.replace(variants["kernel_rk4"], kernel_block=block)
+            o = dataclasses.replace(variants["kernel_rk4"], backend=Kernel(block=block))
             fn = jax.jit(lambda th, sc, o=o: simulate(model, th, sc, ts, options=o).ys[..., 0])
             attempt(f"kernel_rk4_block{block}", n, out, results,
                     lambda fn=fn: timed(fn, theta, sched), ref)
     # Where the time goes: `prepare` (the event lists, outside the kernel) alone, and the
     # kernel alone on a prepared batch writing glucose only (what a glucose forecast needs;
     # the like-for-like of the CUDA kernel below, whose inputs are also ready beforehand).
-    from hybrid_twin._kernel import prepare, run_kernel
+    from hybrid_twin.solve import Batch
+    from hybrid_twin.solve._core import prepare
+    from hybrid_twin.solve.kernel import run_kernel
 
     opts = variants["kernel_rk4"]
     mask = jnp.ones(ts.shape, bool)  # save times shared by all patients, as simulate
-    prep_fn = jax.jit(lambda sc, t_, m_: prepare(model, sc, t_, m_, jnp.asarray(0.0, F32),
-                                                 False, F32))
+    prep_fn = jax.jit(lambda th, sc, t_, m_: prepare(
+        model, Batch(th, sc, t_, m_, jnp.asarray(0.0, F32), False)))
     attempt("kernel_prepare_only", n, out, results,
-            lambda: timed(prep_fn, sched, ts, mask)[:2] + (None,), None)
-    prep = prep_fn(sched, ts, mask)
+            lambda: timed(prep_fn, theta, sched, ts, mask)[:2] + (None,), None)
+    prep = prep_fn(theta, sched, ts, mask)
     glucose_only = jax.jit(
-        lambda th, pr: run_kernel(model, th, pr, opts, save_states=(0,))["states"][..., 0])
+        lambda th, pr: run_kernel(model, th, pr, method=opts.method, max_steps=opts.max_steps,
+                                  save_states=(0,))["states"][..., 0])
     attempt("kernel_rk4_glucose_only", n, out, results,
             lambda: timed(glucose_only, theta, prep), ref)
     # hand-written CUDA
@@ -323,7 +326,7 @@ def bench_torch(theta, carbs, insulin, ts, method):
 
 def bench_gauss_newton(n: int, out, args):
     """One Gauss–Newton iteration's normal equations: kernel vs vmap(jacfwd) of diffrax."""
-    from hybrid_twin._kernel import AxisDirections, normal_equations
+    from hybrid_twin.simulate import AxisDirections, FitData, normal_equations
 
     model, theta, sched, ts, _, _ = cohort(n)
     free = [model.index("param", q) for q in FREE]
@@ -334,7 +337,7 @@ def bench_gauss_newton(n: int, out, args):
     ts_b = jnp.broadcast_to(ts, (n, m))
     mask = jnp.ones((n, m), bool)
     k_obs = jnp.zeros((n, m), jnp.int32)
-    opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6), backend="kernel")
 
     data = (sched, ts_b, mask, k_obs, y, weight)  # arguments, not closed-over constants
 
@@ -345,14 +348,14 @@ def bench_gauss_newton(n: int, out, args):
         z = model.to_unconstrained(th)
         d = jax.jvp(model.from_unconstrained, (z,), (jnp.ones_like(z),))[1]
         dirs = AxisDirections(tuple(free), d[:, jnp.asarray(free)].T)
-        res = normal_equations(model, th, dirs, sched, ts_b, mask, k_obs, y, weight,
-                               jnp.asarray(0.0, F32), opts, False)
-        return res["H"], res["g"]
+        res = normal_equations(model, th, dirs, sched, ts_b, mask, FitData(y, weight, k_obs),
+                               options=opts)
+        return res.h, res.g
 
     c, r, (h_k, g_k) = timed(jax.jit(kernel_gn), theta, data)
     emit(record("gauss_newton_kernel", n, c, r, n_free=len(FREE), n_obs=m), out)
     # the same with fixed RK4 steps (4 stages, fewer live registers than Tsit5's 7)
-    rk4 = SolverOptions(method="rk4", dt0=RK4_DT, backend="kernel")
+    rk4 = SolverOptions(method=RK4(RK4_DT), backend="kernel")
     results: dict = {}
     attempt("gauss_newton_kernel_rk4", n, out, results,
             lambda: timed(jax.jit(lambda th, d: kernel_gn(th, d, rk4)), theta, data)[:2]
@@ -361,7 +364,7 @@ def bench_gauss_newton(n: int, out, args):
         emit({"benchmark": "gpu_ensemble", "variant": "gauss_newton_jacfwd", "N": n,
               "skipped": f"N above --jacfwd-max-n {args.jacfwd_max_n}"}, out)
         return
-    ref_opts = SolverOptions(rtol=1e-5, atol=1e-6, dtmax="obs", adjoint="forward")
+    ref_opts = SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6, dtmax="obs"), differentiation="forward")
 
     def jac_gn(th, data):
         sched, _, _, _, y, weight = data
@@ -411,7 +414,7 @@ def bench_calibrate(n: int, out):
                         noise=NoiseModel("additive", additive_sd=5.0), seed=2)
     cohort32 = jax.tree.map(lambda x: jnp.asarray(x, F32) if np.asarray(x).dtype == np.float64
                             else x, vc.cohort)
-    opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6), backend="kernel")
     em = ErrorModel("additive", additive=5.0, estimate=False)
     kw = {"free": free, "options": opts, "error_model": em, "max_iter": 30, "tol": 0.0}
     t0 = time.perf_counter()

@@ -3,10 +3,10 @@
 Two kinds of figures, both independent of the machine's speed:
 
 - memory traffic outside the kernel: XLA's cost analysis ("bytes accessed") of the event
-  preparation (`_kernel.prepare`, with save times shared by all patients and per patient),
-  of the ensemble backend's merged event lists (`_ensemble.merged_events`), and of the
-  transpose of the kernel's (M, S, N) output to `simulate`'s (N, M, S), beside the bytes of
-  the output itself;
+  preparation (`hybrid_twin.solve._core.prepare`, with save times shared by all patients
+  and per patient; the ensemble backend walks the same prepared events, with per-patient
+  save times), and of the transpose of the kernel's (M, S, N) output to `simulate`'s
+  (N, M, S), beside the bytes of the output itself;
 - the Triton IR of the kernels (lowered for CUDA here, as on a GPU): lines, loads, stores,
   floating-point operations and the values carried through the step loop (a proxy for
   register pressure) — for the RK4 and Tsit5 solves and the Gauss–Newton normal equations
@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import device_info, emit  # noqa: E402
 from benchmarks.gpu_ensemble import F32, FREE, RK4_DT, cohort, timed  # noqa: E402
-from hybrid_twin import SolverOptions  # noqa: E402
+from hybrid_twin import RK4, SolverOptions, StepSizeController  # noqa: E402
 
 
 def bytes_accessed(fn, *args) -> float:
@@ -50,7 +50,7 @@ def triton_ir(fn, *args) -> str:
     """The Triton module of the one pallas_call in `fn`, lowered for CUDA."""
     from jax._src.pallas.triton import lowering, pallas_call_registration
 
-    from hybrid_twin._kernel import lower_for_cuda
+    from hybrid_twin.solve.kernel import lower_for_cuda
 
     captured = []
     original = lowering.lower_jaxpr_to_triton_module
@@ -79,8 +79,9 @@ def ir_stats(ir: str) -> dict:
 
 
 def main(argv=None):
-    from hybrid_twin._ensemble import merged_events
-    from hybrid_twin._kernel import AxisDirections, normal_equations, prepare, run_kernel
+    from hybrid_twin.solve import AxisDirections, Batch, FitData, Kernel
+    from hybrid_twin.solve import kernel as kernel_module
+    from hybrid_twin.solve._core import prepare
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -93,32 +94,39 @@ def main(argv=None):
     shared_mask = jnp.ones((m,), bool)
     ts_b, mask_b = jnp.broadcast_to(ts, (n, m)), jnp.ones((n, m), bool)
 
+    def batch(th, sc, t_=ts, m_=shared_mask):
+        return Batch(th, sc, t_, m_, zero, False)
+
+    def no_params(sc):  # prepare reads only the batch size and dtype of theta
+        return jnp.zeros((sc.dose_times.shape[0], 0), F32)
+
     def prep_shared(sc):
-        return prepare(model, sc, ts, shared_mask, zero, False, F32)
+        return prepare(model, batch(no_params(sc), sc))
 
     def prep_per_patient(sc, t_, m_):
-        return prepare(model, sc, t_, m_, zero, False, F32)
-
-    def merged(sc, t_, m_):
-        return merged_events(model, sc, t_, m_, zero, False, F32)
+        return prepare(model, batch(no_params(sc), sc, t_, m_))
 
     out_shape = jax.ShapeDtypeStruct((m, model.n_states, n), F32)
     emit({"benchmark": "kernel_ir", "variant": "outside_the_kernel", "N": n, **device_info(),
           "prepare_shared_ts_gb": bytes_accessed(prep_shared, sched),
           "prepare_per_patient_ts_gb": bytes_accessed(prep_per_patient, sched, ts_b, mask_b),
-          "ensemble_merged_events_gb": bytes_accessed(merged, sched, ts_b, mask_b),
+          "ensemble_events_gb": bytes_accessed(prep_per_patient, sched, ts_b, mask_b),
           "output_transpose_gb": bytes_accessed(lambda x: jnp.moveaxis(x, -1, 0), out_shape),
           "output_gb": round(m * model.n_states * n * 4 / 1e9, 4),
           "prepare_shared_ts_cpu_s": best_time(prep_shared, sched),
-          "ensemble_merged_events_cpu_s": best_time(merged, sched, ts_b, mask_b)}, args.out)
+          "ensemble_events_cpu_s": best_time(prep_per_patient, sched, ts_b, mask_b)},
+         args.out)
 
-    rk4 = SolverOptions(method="rk4", dt0=RK4_DT, backend="kernel")
-    tsit5 = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+    rk4 = SolverOptions(method=RK4(RK4_DT), backend="kernel")
+    tsit5 = SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6),
+                          backend="kernel")
     free = [model.index("param", q) for q in FREE]
     nb = 1024  # the IR does not depend on N
 
     def solve(th, sc, opts):
-        return run_kernel(model, th, prep_shared(sc), opts, interpret=False)["states"]
+        return kernel_module.run_kernel(model, th, prepare(model, batch(th, sc)),
+                                        method=opts.method, controller=opts.controller,
+                                        max_steps=opts.max_steps, interpret=False)["states"]
 
     def gauss_newton(th, sc, opts):
         z = model.to_unconstrained(th)
@@ -126,11 +134,8 @@ def main(argv=None):
         dirs = AxisDirections(tuple(free), d[:, jnp.asarray(free)].T)
         y, w = jnp.full((th.shape[0], m), 110.0, F32), jnp.full((th.shape[0], m), 0.2, F32)
         k = jnp.zeros((th.shape[0], m), jnp.int32)
-        return normal_equations(model, th, dirs, sc, jnp.broadcast_to(ts, (th.shape[0], m)),
-                                jnp.ones((th.shape[0], m), bool), k, y, w, zero, opts,
-                                False)["H"]
-
-    import hybrid_twin._kernel as kernel_module
+        b = batch(th, sc, jnp.broadcast_to(ts, (th.shape[0], m)), jnp.ones((th.shape[0], m), bool))
+        return Kernel().normal_equations(model, b, dirs, FitData(y, w, k), opts).h
 
     small = jax.tree.map(lambda x: x[:nb], (theta, sched))
     interpret_default = kernel_module.interpret_default

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import block, device_info, emit, glucose_day_cohort  # noqa: E402
-from hybrid_twin import SolverOptions, simulate  # noqa: E402
+from hybrid_twin import Diffrax, SolverOptions, StepSizeController, simulate  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-8
 
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-handwritten", action="store_true")
-    ap.add_argument("--save-chunk", type=int, default=SolverOptions().save_chunk)
+    ap.add_argument("--save-chunk", type=int, default=Diffrax().save_chunk)
     ap.add_argument("--out", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
@@ -131,8 +131,9 @@ def main(argv=None) -> dict:
               "rtol": RTOL, "atol": ATOL, "save_chunk": args.save_chunk}
     results = {}
     for backend in ("diffrax", "ensemble"):
-        opts = SolverOptions(method="tsit5", rtol=RTOL, atol=ATOL,
-                             save_chunk=args.save_chunk, backend=backend)
+        opts = SolverOptions(controller=StepSizeController(rtol=RTOL, atol=ATOL),
+                             backend=(Diffrax(save_chunk=args.save_chunk)
+                                      if backend == "diffrax" else backend))
         sol, compile_s, run_s = timed(
             lambda: simulate(model, params, schedule, save_ts, options=opts), args.repeats)
         results[backend] = (np.asarray(sol.ys, np.float64), run_s)

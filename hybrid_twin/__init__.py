@@ -7,10 +7,21 @@ from . import models
 from .models import MechanisticModel, get_model
 from .schedule import Schedule
 from .simulate import Solution, SolverOptions, Status, simulate
+from .solve import (
+    RK4,
+    Diffrax,
+    Dopri5,
+    Ensemble,
+    Kernel,
+    Kvaerno5,
+    StepSizeController,
+    Tsit5,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MechanisticModel", "Schedule", "Solution", "SolverOptions", "Status", "get_model",
-    "models", "simulate",
+    "RK4", "Diffrax", "Dopri5", "Ensemble", "Kernel", "Kvaerno5", "MechanisticModel",
+    "Schedule", "Solution", "SolverOptions", "Status", "StepSizeController", "Tsit5",
+    "get_model", "models", "simulate",
 ]

@@ -33,7 +33,8 @@ import numpy as np
 from .data.cohort import Cohort
 from .models.base import MechanisticModel
 from .schedule import Schedule
-from .simulate import SolverOptions, simulate
+from .simulate import AxisDirections, FitData, SolverOptions, normal_equations, simulate
+from .solve import EXPERIMENT_DEFAULT
 
 ERROR_KINDS = ("additive", "proportional", "combined")
 Z95 = 1.959963984540054
@@ -97,28 +98,15 @@ class CalibrationResult(eqx.Module):
     error_model: ErrorModel = eqx.field(static=True)
 
 
-def _default_options() -> SolverOptions:
-    return SolverOptions(rtol=1e-8, atol=1e-10, backend="ensemble")
-
-
-def _elementwise_transform(model: MechanisticModel) -> bool:
-    """Whether the model maps fitting space to parameters column by column (the base
-    class's per-parameter log/logit transforms, not overridden)."""
-    return type(model).from_unconstrained is MechanisticModel.from_unconstrained
-
-
 class _Problem(eqx.Module):
     model: MechanisticModel
     free_idx: tuple[int, ...] = eqx.field(static=True)
     options: SolverOptions = eqx.field(static=True)
-    has_inf: bool = eqx.field(static=True, default=True)
 
-    def kernel_normal(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
-                      sd_frozen, z_pop, inv_omega, jac: bool):
-        """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior) from the
-        kernel backend, which accumulates them at the observations inside the kernel."""
-        from ._kernel import AxisDirections, normal_equations
-
+    def normal(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask, sd_frozen,
+               z_pop, inv_omega, jac: bool):
+        """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior), the data part
+        from the backend's normal equations (`simulate.normal_equations`)."""
         theta = self.theta(z, theta_fixed)
         dirs = None
         if jac and _elementwise_transform(self.model):
@@ -130,15 +118,15 @@ class _Problem(eqx.Module):
             dirs = jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
                                               (z,), (t,))[1])(eye)
         weight = jnp.where(w_mask, 1.0 / sd_frozen, 0.0)
-        res = normal_equations(self.model, theta, dirs, schedule, ts, mask, obs_index, y,
-                               weight, jnp.asarray(0.0, z.dtype), self.options, self.has_inf)
+        res = normal_equations(self.model, theta, dirs, schedule, ts, mask,
+                               FitData(y, weight, obs_index), options=self.options)
         r_prior = (z - z_pop) * inv_omega
-        cost = res["cost"] + 0.5 * jnp.sum(r_prior ** 2, axis=1)
+        cost = res.cost + 0.5 * jnp.sum(r_prior ** 2, axis=1)
         if not jac:
-            return cost, None, None, res["status"]
-        h = res["H"] + jax.vmap(jnp.diag)(jnp.broadcast_to(inv_omega ** 2, z.shape))
-        g = res["g"] + inv_omega * r_prior
-        return cost, h, g, res["status"]
+            return cost, None, None, res.status
+        h = res.h + jax.vmap(jnp.diag)(jnp.broadcast_to(inv_omega ** 2, z.shape))
+        g = res.g + inv_omega * r_prior
+        return cost, h, g, res.status
 
     def theta(self, z, theta_fixed):
         full = self.model.to_unconstrained(theta_fixed)
@@ -150,12 +138,18 @@ class _Problem(eqx.Module):
         sol = simulate(self.model, theta, schedule, ts, mask, options=self.options)
         return sol.observed(self.model, theta, obs_index), sol.status
 
-    def residuals(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
-                  sd_frozen, z_pop, inv_omega):
-        f, status = self.predict(z, theta_fixed, schedule, ts, mask, obs_index)
-        r_data = jnp.where(w_mask, (jnp.where(w_mask, y, 0.0) - f) / sd_frozen, 0.0)
-        r_prior = (z - z_pop) * inv_omega
-        return jnp.concatenate([r_data, r_prior], axis=1), status
+
+def _forward(options: SolverOptions | None, model: MechanisticModel) -> SolverOptions:
+    """`options` (default `EXPERIMENT_DEFAULT`) resolved, in forward mode: the Jacobians
+    here have few columns."""
+    options = (options or EXPERIMENT_DEFAULT).resolved(model)
+    return dataclasses.replace(options, differentiation="forward")
+
+
+def _elementwise_transform(model: MechanisticModel) -> bool:
+    """Whether the model maps fitting space to parameters column by column (the base
+    class's per-parameter log/logit transforms, not overridden)."""
+    return type(model).from_unconstrained is MechanisticModel.from_unconstrained
 
 
 def _jacobian(fn: Callable, z: jax.Array):
@@ -173,37 +167,17 @@ def _jacobian(fn: Callable, z: jax.Array):
 
 @eqx.filter_jit
 def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
-    theta_fixed, schedule, ts, mask, obs_index, y, w_mask = data
-
-    def res(zz):
-        return problem.residuals(zz, theta_fixed, schedule, ts, mask, obs_index, y, w_mask,
-                                 sd_frozen, z_pop, inv_omega)[0]
-
-    if problem.options.backend == "kernel":
-        cost, h, g, _ = problem.kernel_normal(z, *data, sd_frozen, z_pop, inv_omega, jac=True)
-        finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
-                  & jnp.isfinite(cost))
-        h = jnp.where(finite[:, None, None], h, 0.0)
-        g = jnp.where(finite[:, None], g, 0.0)
-    else:
-        r, jac = _jacobian(res, z)
-        finite = jnp.all(jnp.isfinite(jac), axis=(1, 2)) & jnp.all(jnp.isfinite(r), axis=1)
-        r = jnp.where(jnp.isfinite(r), r, 0.0)
-        jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
-        cost = 0.5 * jnp.sum(r * r, axis=1)
-        g = jnp.einsum("nrf,nr->nf", jac, r)
-        h = jnp.einsum("nrf,nrg->nfg", jac, jac)
+    cost, h, g, _ = problem.normal(z, *data, sd_frozen, z_pop, inv_omega, jac=True)
+    finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
+              & jnp.isfinite(cost))
+    h = jnp.where(finite[:, None, None], h, 0.0)
+    g = jnp.where(finite[:, None], g, 0.0)
     diag = jnp.diagonal(h, axis1=1, axis2=2)
     damp = lam[:, None] * jnp.maximum(diag, 1e-12)
     step = -jnp.linalg.solve(h + jax.vmap(jnp.diag)(damp), g[..., None])[..., 0]
     z_try = z + step
-    if problem.options.backend == "kernel":
-        cost_try, _, _, status = problem.kernel_normal(z_try, *data, sd_frozen, z_pop,
-                                                       inv_omega, jac=False)
-    else:
-        r_try, status = problem.residuals(z_try, theta_fixed, schedule, ts, mask, obs_index,
-                                          y, w_mask, sd_frozen, z_pop, inv_omega)
-        cost_try = 0.5 * jnp.sum(r_try * r_try, axis=1)
+    cost_try, _, _, status = problem.normal(z_try, *data, sd_frozen, z_pop, inv_omega,
+                                            jac=False)
     ok = jnp.isfinite(cost_try) & (status == 0) & jnp.all(jnp.isfinite(z_try), axis=1)
     accept = ok & (cost_try < cost) & ~frozen
     z_new = jnp.where(accept[:, None], z_try, z)
@@ -214,7 +188,9 @@ def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
 
 
 def _prior(model, free_idx, typical, omega):
-    z_pop = model.to_unconstrained(jnp.asarray(typical))[jnp.asarray(free_idx)]
+    """Prior means (N, F) in the fitting space from each patient's typical values (N, P),
+    and 1 / omega (F,)."""
+    z_pop = model.to_unconstrained(jnp.asarray(typical))[:, jnp.asarray(free_idx)]
     om = np.asarray(omega)[list(free_idx)]
     inv = np.where(om > 0, 1.0 / np.where(om > 0, om, 1.0), 0.0)
     return z_pop, jnp.asarray(inv)
@@ -259,10 +235,7 @@ def calibrate(
     Returns:
         `CalibrationResult`.
     """
-    options = (options or _default_options()).resolved(model)
-    if options.backend == "diffrax" and options.adjoint != "forward":
-        options = dataclasses.replace(options, adjoint="forward",
-                                      dtmax=options.dtmax or "obs")
+    options = _forward(options, model).for_gradients()
     error_model = error_model or ErrorModel()
     typical = np.asarray(model.typical_params() if typical is None else typical, float)
     omega = np.asarray(model.omegas() if omega is None else omega, float)
@@ -273,20 +246,19 @@ def calibrate(
                          "with omega > 0)")
     free_idx = tuple(model.index("param", name) for name in free)
     n = cohort.n_patients
-    theta_fixed = np.tile(typical, (n, 1)) if fixed_params is None else np.asarray(fixed_params)
+    # each patient's typical values: the population's, moved by its covariates when the
+    # model has a covariate network
+    typical_i = model.individual_typical(typical, cohort.covariates, cohort.covariate_names)
+    theta_fixed = typical_i if fixed_params is None else np.asarray(fixed_params)
     if theta_fixed.shape != (n, model.n_params):
         raise ValueError(f"fixed_params must be ({n}, {model.n_params}), got {theta_fixed.shape}")
 
-    w_mask = cohort.data_mask
-    if condition_until is not None:
-        w_mask = w_mask & (cohort.obs_times <= condition_until)
+    w_mask = cohort.fit_mask(condition_until)
     y = jnp.where(w_mask, cohort.obs_values, 0.0)
     data = (jnp.asarray(theta_fixed), cohort.schedule, cohort.obs_times, cohort.obs_mask,
             cohort.obs_index, y, w_mask)
-    z_pop, inv_omega = _prior(model, free_idx, typical, omega)
-    sch = cohort.schedule
-    has_inf = bool(np.any(np.asarray(sch.dose_mask) & (np.asarray(sch.dose_rates) > 0)))
-    problem = _Problem(model, free_idx, options, has_inf)
+    z_pop, inv_omega = _prior(model, free_idx, typical_i, omega)
+    problem = _Problem(model, free_idx, options)
     rng = np.random.default_rng(seed)
 
     def run(z0, em):
@@ -315,7 +287,7 @@ def calibrate(
     em = error_model
     for s in range(n_starts):
         if s == 0:
-            z0 = jnp.tile(z_pop, (n, 1))
+            z0 = z_pop
         else:
             om = np.where(np.asarray(inv_omega) > 0, 1.0 / np.maximum(np.asarray(inv_omega), 1e-300), 0.5)
             z0 = jnp.asarray(np.asarray(z_pop) + om * rng.standard_normal((n, len(free_idx))))
@@ -378,9 +350,7 @@ def predict_with_intervals(
     prediction times the Laplace covariance); with `include_residual` the observation
     error is added, giving intervals for new observations.
     """
-    options = (options or _default_options()).resolved(model)
-    if options.backend == "diffrax" and options.adjoint != "forward":
-        options = dataclasses.replace(options, adjoint="forward")
+    options = _forward(options, model)
     free_idx = tuple(model.index("param", n) for n in result.free)
     problem = _Problem(model, free_idx, options)
     theta_fixed = result.params

@@ -18,6 +18,21 @@ from typing import Any
 
 import yaml
 
+from .calibrate import ERROR_KINDS, ErrorModel
+from .data.virtual import NOISE, DoseSpec, NoiseModel
+from .models import REGISTRY
+from .solve import (
+    BACKEND_NAMES,
+    BACKENDS,
+    EXPERIMENT_DEFAULT,
+    METHODS,
+    RK4,
+    Diffrax,
+    Kernel,
+    SolverOptions,
+    StepSizeController,
+)
+
 
 class ConfigError(ValueError):
     """An invalid experiment config; the message names the key path."""
@@ -27,11 +42,15 @@ class ConfigError(ValueError):
 class LearnedConfig:
     """A learned term from `features`: kind "state_correction" (adds to dy/dt of
     `states`), "term_closure" (closes the flux `term`; `mode` replace | scale | add, see
-    `hybrid_twin.hybrid.TermClosure`) or "neural_ode" (the pure neural ODE baseline: no
+    `hybrid_twin.hybrid.TermClosure`), "covariate_network" (each patient's typical
+    `params` moved by a network of its `covariates`: theta_i = theta_pop exp(h(cov_i)),
+    trained with the population) or "neural_ode" (the pure neural ODE baseline: no
     mechanism, dy/dt of every state from the features, by default states and inputs)."""
 
     kind: str = "state_correction"
     states: list[str] = dataclasses.field(default_factory=list)
+    params: list[str] = dataclasses.field(default_factory=list)
+    covariates: list[str] = dataclasses.field(default_factory=list)
     term: str | None = None
     mode: str = "replace"
     features: list[str] = dataclasses.field(default_factory=list)
@@ -59,33 +78,16 @@ class TrainingConfig:
 
 
 @dataclasses.dataclass
-class DoseConfig:
-    time: float = 0.0
-    amount: float = 0.0
-    target: str = ""
-    rate: float = 0.0
-    time_jitter: float = 0.0
-    amount_cv: float = 0.0
-
-
-@dataclasses.dataclass
-class NoiseConfig:
-    kind: str = "additive"
-    additive_sd: float = 0.0
-    proportional_sd: float = 0.0
-
-
-@dataclasses.dataclass
 class VirtualConfig:
     n: int = 100
     model: str | None = None
     seed: int = 0
-    doses: list[DoseConfig] = dataclasses.field(default_factory=list)
+    doses: list[DoseSpec] = dataclasses.field(default_factory=list)
     obs_every: float = 1.0
     obs_start: float = 0.0
     horizon: float = 24.0
     observables: list[str] | None = None
-    noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    noise: NoiseModel = dataclasses.field(default_factory=NoiseModel)
 
 
 @dataclasses.dataclass
@@ -103,29 +105,29 @@ class SplitConfig:
     seed: int = 0
 
 
-@dataclasses.dataclass
-class ErrorModelConfig:
-    kind: str = "additive"
-    additive: float = 1.0
-    proportional: float = 0.1
-    estimate: bool = True
+_D = EXPERIMENT_DEFAULT
 
 
 @dataclasses.dataclass
 class SolverConfig:
-    """How every solve of the experiment runs (`hybrid_twin.SolverOptions`): backend
-    diffrax | ensemble | kernel | auto, method tsit5 | dopri5 | kvaerno5 | rk4 (rk4 with
-    step dt0, kernel only), tolerances, the per-patient step limit, and for the kernel on
-    a GPU its patients per program (kernel_block, a power of two) and warps per program."""
+    """How every solve of the experiment runs: the `hybrid_twin.SolverOptions` it builds
+    (`solver_options`); defaults are `hybrid_twin.solve.EXPERIMENT_DEFAULT`'s. `backend`
+    (diffrax | ensemble | kernel | auto), `method` (tsit5 | dopri5 | kvaerno5 | rk4, with
+    step `dt0`), the step-size controller (`rtol`, `atol`, `dtmax`: a number, "obs" or
+    null), the per-patient step limit, the differentiation mode (null: each stage's own),
+    and the settings owned by one backend: `kernel` (`block`, `warps`) and `diffrax`
+    (`save_chunk`)."""
 
-    backend: str = "ensemble"
-    method: str = "tsit5"
-    rtol: float = 1e-8
-    atol: float = 1e-10
+    backend: str = _D.backend_name
+    method: str = _D.method.name
     dt0: float | None = None
-    max_steps: int = 4096
-    kernel_block: int | None = None
-    kernel_warps: int | None = None
+    rtol: float = _D.controller.rtol
+    atol: float = _D.controller.atol
+    dtmax: float | str | None = _D.controller.dtmax
+    max_steps: int = _D.max_steps
+    differentiation: str | None = _D.differentiation
+    kernel: Kernel = dataclasses.field(default_factory=Kernel)
+    diffrax: Diffrax = dataclasses.field(default_factory=Diffrax)
 
 
 @dataclasses.dataclass
@@ -164,7 +166,7 @@ class ExperimentConfig:
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
-    error_model: ErrorModelConfig = dataclasses.field(default_factory=ErrorModelConfig)
+    error_model: ErrorModel = dataclasses.field(default_factory=ErrorModel)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
@@ -176,14 +178,15 @@ METRICS = ("rmse", "mae", "bias", "coverage")
 CHOICES = {
     "device": ("auto", "cpu", "gpu"),
     "data.source": ("virtual", "csv", "hdf5"),
-    "data.virtual.noise.kind": ("additive", "proportional", "combined"),
-    "error_model.kind": ("additive", "proportional", "combined"),
-    "solver.backend": ("diffrax", "ensemble", "kernel", "auto"),
-    "solver.method": ("tsit5", "dopri5", "kvaerno5", "rk4"),
+    "data.virtual.noise.kind": NOISE,
+    "error_model.kind": ERROR_KINDS,
+    "solver.backend": BACKEND_NAMES,
+    "solver.method": tuple(METHODS),
 }
 MOVED = {"calibration.backend": "solver.backend", "calibration.rtol": "solver.rtol",
-         "calibration.atol": "solver.atol"}
-LEARNED_KINDS = ("state_correction", "term_closure", "neural_ode")
+         "calibration.atol": "solver.atol", "solver.kernel_block": "solver.kernel.block",
+         "solver.kernel_warps": "solver.kernel.warps"}
+LEARNED_KINDS = ("state_correction", "term_closure", "covariate_network", "neural_ode")
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
             "solver.rtol", "solver.atol", "solver.max_steps", "calibration.max_iter",
             "calibration.n_starts", "population.max_rounds", "training.epochs",
@@ -225,6 +228,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -249,17 +257,31 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"unknown config key {full!r}{extra} "
                               f"(valid here: {', '.join(names)})")
         kwargs[key] = _convert(hints[key], value, full)
-    return cls(**kwargs)
+        if full in CHOICES and kwargs[key] not in CHOICES[full]:
+            raise ConfigError(f"{full}: {kwargs[key]!r} is not one of "
+                              f"{', '.join(CHOICES[full])}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        missing = str(e).split("argument", 1)[-1].strip(": ")
+        raise ConfigError(f"{path or 'config'}: missing required key {missing}") from None
+    except ValueError as e:  # the library object's own check
+        raise ConfigError(f"{path or 'config'}: {e}") from None
 
 
-def solver_options(cfg: ExperimentConfig):
+def solver_options(cfg: ExperimentConfig) -> SolverOptions:
     """The `SolverOptions` of the config's `solver` section."""
-    from .simulate import SolverOptions
-
     s = cfg.solver
-    return SolverOptions(method=s.method, rtol=s.rtol, atol=s.atol, dt0=s.dt0,
-                         max_steps=s.max_steps, backend=s.backend,
-                         kernel_block=s.kernel_block, kernel_warps=s.kernel_warps)
+    method = RK4(s.dt0) if s.method == "rk4" else METHODS[s.method]()
+    if s.dt0 is not None and s.method != "rk4":
+        raise ValueError(f"dt0 is the step of method rk4; method {s.method} chooses its "
+                         "own steps (remove solver.dt0)")
+    backend = {"kernel": s.kernel, "diffrax": s.diffrax}.get(s.backend) or (
+        s.backend if s.backend == "auto" else BACKENDS[s.backend]())
+    return SolverOptions(method=method,
+                         controller=StepSizeController(s.rtol, s.atol, s.dtmax),
+                         max_steps=s.max_steps, differentiation=s.differentiation,
+                         backend=backend)
 
 
 def _validate(cfg: ExperimentConfig) -> None:
@@ -273,10 +295,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     try:
         solver_options(cfg)
     except ValueError as e:
-        msg = str(e).removeprefix("SolverOptions: ")
-        if msg.startswith("SolverOptions."):  # names one field: name its config key
-            raise ConfigError(msg.replace("SolverOptions.", "solver.", 1)) from None
-        raise ConfigError(f"solver: {msg}") from None
+        raise ConfigError(f"solver: {e}") from None
     fr = (cfg.split.train, cfg.split.val, cfg.split.test)
     if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-9:
         raise ConfigError(f"split: train + val + test must be fractions summing to 1, got {fr}")
@@ -285,8 +304,6 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
         if not Path(cfg.data.path).exists():
             raise ConfigError(f"data.path: file not found: {cfg.data.path}")
-    from .models import REGISTRY
-
     if cfg.model.name not in REGISTRY:
         hint = difflib.get_close_matches(cfg.model.name, REGISTRY, n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -329,6 +346,18 @@ def _validate(cfg: ExperimentConfig) -> None:
             if st not in model.state_names:
                 raise ConfigError(f"{where}.states[{j}]: {st!r} is not a state of "
                                   f"{cfg.model.name} ({', '.join(model.state_names)})")
+        if lt.kind == "covariate_network":
+            if not lt.params or not lt.covariates:
+                raise ConfigError(f"{where}: a covariate_network needs params and covariates")
+            if sum(x.kind == "covariate_network" for x in cfg.model.learned) > 1:
+                raise ConfigError(f"{where}.kind: one covariate_network per model")
+            for j, q in enumerate(lt.params):
+                if q not in model.param_names:
+                    raise ConfigError(f"{where}.params[{j}]: {q!r} is not a parameter of "
+                                      f"{cfg.model.name} ({', '.join(model.param_names)})")
+            if cfg.data.source == "virtual":
+                raise ConfigError(f"{where}: virtual cohorts carry no covariates; use "
+                                  "data.source csv or hdf5")
         if lt.kind == "term_closure":
             if not lt.term:
                 raise ConfigError(f"{where}.term: required for a term_closure")

@@ -21,8 +21,6 @@ produces outputs in the state's unit per time unit.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -37,24 +35,9 @@ from .models.base import MechanisticModel
 
 TIME_FEATURES = ("time", "sin_day", "cos_day")
 
-# In "lanes" mode (set while the fused kernel is traced) features stay a list of per-patient
-# vectors and networks are evaluated neuron by neuron with scalar weights: no stacking, no
-# matrix products, only elementwise arithmetic on (B,) vectors (what Triton lowers).
-_LANES = contextvars.ContextVar("hybrid_twin_lanes", default=False)
-
-
-@contextlib.contextmanager
-def lanes_mode():
-    """Evaluate learned terms on lists of per-patient vectors (used by the kernel backend)."""
-    token = _LANES.set(True)
-    try:
-        yield
-    finally:
-        _LANES.reset(token)
-
 
 def _column(g, k: int):
-    """Output k of a network: g[..., k] of an array, or g[k] of a list (lanes mode)."""
+    """Output k of a network: g[..., k] of an array, or g[k] of a list of outputs."""
     return g[k] if isinstance(g, (list, tuple)) else g[..., k]
 
 
@@ -62,7 +45,10 @@ class ScaledMLP(eqx.Module):
     """`eqx.nn.MLP` with fixed input standardisation and output scale.
 
     out = out_scale * mlp((x - in_shift) / in_scale); the last layer starts at zero.
-    Works on one feature vector `(F,)` or a batch `(..., F)`.
+    Works on one feature vector `(F,)`, a batch `(..., F)`, or a list of F feature arrays.
+    Where the weights are not arrays but scalar views (inside the kernel backend, which
+    loads each weight once as a scalar), the network is evaluated neuron by neuron on the
+    list: only elementwise arithmetic on per-patient vectors, which Triton lowers.
     """
 
     mlp: eqx.nn.MLP
@@ -82,9 +68,12 @@ class ScaledMLP(eqx.Module):
         self.in_scale = jnp.ones(in_size) if in_scale is None else jnp.asarray(in_scale, float)
         self.out_scale = jnp.broadcast_to(jnp.asarray(out_scale, float), (out_size,))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array | list:
         if isinstance(x, (list, tuple)):
-            return self._lanes(x)
+            if not isinstance(self.mlp.layers[0].weight, (jax.Array, np.ndarray)):
+                return self._lanes(x)
+            shape = jnp.broadcast_shapes(*[jnp.shape(c) for c in x])
+            x = jnp.stack([jnp.broadcast_to(c, shape) for c in x], axis=-1)
         shift = jax.lax.stop_gradient(self.in_shift)
         scale = jax.lax.stop_gradient(self.in_scale)
         out_scale = jax.lax.stop_gradient(self.out_scale)
@@ -133,12 +122,33 @@ def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_len
             raise KeyError(f"unknown feature {name!r}; use a state, input or parameter of "
                            f"{type(model).__name__} or one of {TIME_FEATURES}")
     shape = jnp.broadcast_shapes(*[jnp.shape(c) for c in cols])
-    if _LANES.get():
-        return [jnp.broadcast_to(c, shape) for c in cols]
-    return jnp.stack([jnp.broadcast_to(c, shape) for c in cols], axis=-1)
+    return [jnp.broadcast_to(c, shape) for c in cols]
 
 
-class StateCorrection(eqx.Module):
+def _evaluate(net, cols: list):
+    """A learned term's network on its feature columns: a `ScaledMLP` takes the list (and
+    evaluates neuron by neuron inside the kernel backend); any other network gets the
+    features stacked on the last axis."""
+    if isinstance(net, ScaledMLP):
+        return net(cols)
+    return net(jnp.stack(cols, axis=-1))
+
+
+class LearnedTerm(eqx.Module):
+    """What `HybridModel` composes: a network `net` (usually a `ScaledMLP`) of named
+    inputs, and the size penalty of its weights. The kinds differ only in where the
+    output goes: `StateCorrection` (into dy/dt), `TermClosure` (into a named flux of the
+    mechanism) and `CovariateNetwork` (into the patients' typical parameters)."""
+
+    net: eqx.AbstractVar[Any]
+
+    def penalty(self) -> jax.Array:
+        """Sum of squared weights of the network's layers."""
+        layers = getattr(getattr(self.net, "mlp", None), "layers", ())
+        return sum((jnp.sum(layer.weight ** 2) for layer in layers), jnp.zeros(()))
+
+
+class StateCorrection(LearnedTerm):
     """Adds g_phi(features) to dy/dt of `states` (names)."""
 
     net: ScaledMLP
@@ -149,7 +159,7 @@ class StateCorrection(eqx.Module):
 CLOSURE_MODES = ("replace", "scale", "add")
 
 
-class TermClosure(eqx.Module):
+class TermClosure(LearnedTerm):
     """Closure of the mechanistic flux `term` (value F) by g = g_phi(features).
 
     mode "replace": F -> g; "scale": F -> F * (1 + g) (a learned relative modulation of
@@ -176,8 +186,9 @@ class TermClosure(eqx.Module):
         return g
 
 
-class CovariateNetwork(eqx.Module):
-    """log-scale offsets of `params` from covariates: theta = theta_pop * exp(h(cov))."""
+class CovariateNetwork(LearnedTerm):
+    """Offsets of `params` in the fitting space from covariates: theta_i = theta_pop *
+    exp(h_phi(covariates_i)) for log-transformed parameters (DESIGN.md, kind 3)."""
 
     net: ScaledMLP
     params: tuple[str, ...] = eqx.field(static=True)
@@ -186,6 +197,14 @@ class CovariateNetwork(eqx.Module):
     def __call__(self, covariates: jax.Array) -> jax.Array:
         """(N, C) covariates -> (N, len(params)) offsets in the unconstrained space."""
         return self.net(covariates)
+
+    def columns(self, covariate_names: Sequence[str]) -> list[int]:
+        """Where this network's covariates are among a cohort's `covariate_names`."""
+        missing = [c for c in self.covariates if c not in covariate_names]
+        if missing:
+            raise KeyError(f"the covariate network needs covariate(s) {missing}; the cohort "
+                           f"has {list(covariate_names) or 'none'}")
+        return [list(covariate_names).index(c) for c in self.covariates]
 
     def apply(self, model: MechanisticModel, typical: jax.Array, covariates: jax.Array,
               eta: jax.Array | None = None) -> jax.Array:
@@ -206,6 +225,7 @@ class HybridModel(MechanisticModel):
     mechanistic: MechanisticModel
     corrections: tuple[StateCorrection, ...] = ()
     closures: tuple[TermClosure, ...] = ()
+    covariate_net: CovariateNetwork | None = None
     learned: bool = eqx.field(static=True, default=True)
     use_mechanism: bool = eqx.field(static=True, default=True)
     day_length: float = eqx.field(static=True, default=24.0)
@@ -258,7 +278,7 @@ class HybridModel(MechanisticModel):
                     raise KeyError(f"TermClosure replaces unknown term {c.term!r}; terms of "
                                    f"{type(self.mechanistic).__name__}: {', '.join(flux)}")
                 x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
-                flux[c.term] = c.apply(flux[c.term], _column(c.net(x), 0))
+                flux[c.term] = c.apply(flux[c.term], _column(_evaluate(c.net, x), 0))
         return flux
 
     def derivatives(self, y, p, u, flux):
@@ -273,7 +293,7 @@ class HybridModel(MechanisticModel):
             names = self.mechanistic.state_names
             for c in self.corrections:
                 x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
-                g = c.net(x)
+                g = _evaluate(c.net, x)
                 for k, s in enumerate(c.states):
                     i = names.index(s)
                     dy[i] = dy[i] + _column(g, k)
@@ -283,11 +303,30 @@ class HybridModel(MechanisticModel):
         """The same model with its learned part off: exactly the mechanistic model."""
         return dataclasses.replace(self, learned=False)
 
+    @property
+    def terms(self) -> tuple[LearnedTerm, ...]:
+        """Every learned term."""
+        cov = (self.covariate_net,) if self.covariate_net is not None else ()
+        return (*self.corrections, *self.closures, *cov)
+
     def penalty(self) -> jax.Array:
         """Sum of squared weights of the learned terms' layers (the size penalty)."""
-        mlps = [c.net.mlp for c in (*self.corrections, *self.closures)]
-        return sum((jnp.sum(layer.weight ** 2) for m in mlps for layer in m.layers),
-                   jnp.zeros(()))
+        return sum((t.penalty() for t in self.terms), jnp.zeros(()))
+
+    def individual_typical(self, typical, covariates, covariate_names):
+        if self.covariate_net is None or not self.learned:
+            return self.mechanistic.individual_typical(typical, covariates, covariate_names)
+        z = self.to_unconstrained(jnp.asarray(typical))
+        return self.from_unconstrained(z + self.covariate_offsets(covariates, covariate_names))
+
+    def covariate_offsets(self, covariates, covariate_names):
+        net = self.covariate_net
+        offsets = self.mechanistic.covariate_offsets(covariates, covariate_names)
+        if net is None or not self.learned:
+            return offsets
+        x = jnp.asarray(covariates)[:, jnp.asarray(net.columns(covariate_names), int)]
+        idx = jnp.asarray([self.mechanistic.index("param", q) for q in net.params])
+        return offsets.astype(x.dtype).at[:, idx].add(net(x))
 
 
 def _scales(model: MechanisticModel, names: Sequence[str],
@@ -332,6 +371,24 @@ def term_closure(model: MechanisticModel, term: str, features: Sequence[str], *,
     net = ScaledMLP(len(features), 1, width=width, depth=depth, key=key, in_shift=shift,
                     in_scale=scale, out_scale=out_scale)
     return TermClosure(net, term, tuple(features), mode)
+
+
+def covariate_network(model: MechanisticModel, params: Sequence[str],
+                      covariates: Sequence[str], *, key: jax.Array, width: int = 16,
+                      depth: int = 2,
+                      feature_scales: Mapping[str, tuple[float, float]] | None = None,
+                      out_scale: float = 0.5) -> CovariateNetwork:
+    """A zero-initialised network from `covariates` (names; standardised by
+    `feature_scales`, default unscaled) to offsets of `params` in the fitting space
+    (`out_scale`: their typical size, e.g. 0.5 on the log scale)."""
+    bad = [q for q in params if q not in model.param_names]
+    if bad:
+        raise KeyError(f"covariate network: {bad} are not parameters of "
+                       f"{type(model).__name__} ({', '.join(model.param_names)})")
+    shift, scale = _scales(model, covariates, feature_scales)
+    net = ScaledMLP(len(covariates), len(params), width=width, depth=depth, key=key,
+                    in_shift=shift, in_scale=scale, out_scale=out_scale)
+    return CovariateNetwork(net, tuple(params), tuple(covariates))
 
 
 def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, depth: int = 2,

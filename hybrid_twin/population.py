@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -15,9 +16,32 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ._atomic import atomic_open, atomic_write_text
+from .calibrate import ErrorModel, calibrate
 from .models.base import MechanisticModel
+from .simulate import SolverOptions, simulate
+from .solve import EXPERIMENT_DEFAULT, Diffrax
+
+logger = logging.getLogger("hybrid_twin")
+
+
+def training_options(options: SolverOptions | None) -> SolverOptions:
+    """The options hybrid training solves with: `options` (default `EXPERIMENT_DEFAULT`)
+    in reverse mode, on its own backend when that backend takes reverse-mode derivatives
+    with respect to network weights, otherwise on the diffrax backend with the same
+    method, controller and step limit (logged); the step capped at the observation
+    spacing unless a cap is set (steady-state sensitivities, DESIGN.md)."""
+    options = (options or EXPERIMENT_DEFAULT).resolved()
+    backend = options.backend
+    if not ("reverse" in backend.differentiation and backend.differentiates_model):
+        logger.info("training: the %s backend takes no reverse-mode derivatives with "
+                    "respect to network weights; training solves on diffrax with the "
+                    "configured method and tolerances", backend.name)
+        backend = Diffrax()
+    return dataclasses.replace(options, backend=backend,
+                               differentiation="reverse").for_gradients()
 
 
 def sample_params(
@@ -80,8 +104,6 @@ def fit_population(
 
     Returns (typical (P,), omega (P,), CalibrationResult of the last round, history).
     """
-    from .calibrate import ErrorModel, calibrate
-
     typical = np.asarray(model.typical_params() if typical is None else typical, float).copy()
     omega = np.asarray(model.omegas() if omega is None else omega, float).copy()
     idx = np.array([model.index("param", n) for n in free])
@@ -163,13 +185,8 @@ def train_population(
 
     Returns (best model, TrainState, history list of dicts).
     """
-    import optax
-
-    from .calibrate import ErrorModel, calibrate
-    from .simulate import SolverOptions, simulate
-
     error_model = error_model or ErrorModel()
-    options = options or SolverOptions(rtol=1e-6, atol=1e-8, dtmax="obs")
+    train_options = training_options(options)
     idx = jnp.asarray([model.index("param", n) for n in free])
     typical = jnp.asarray(model.typical_params())
     n = train.n_patients
@@ -182,7 +199,7 @@ def train_population(
     else:
         # start every patient at its MAP estimate under the mechanism as it stands, and
         # the population at the mean and spread of those estimates (Laplace EM update)
-        res0 = calibrate(model, train, free=free, error_model=error_model, options=None)
+        res0 = calibrate(model, train, free=free, error_model=error_model, options=options)
         error_model = res0.error_model
         z0 = res0.z
         z_typ0 = jnp.mean(z0, axis=0)
@@ -214,15 +231,17 @@ def train_population(
     def batch_loss(trainable, omega, rows, batch):
         net_arrays, z_all, z_typ = trainable
         m = eqx.combine(net_arrays, static)
-        sched, ts, mask, obs_k, y, w = batch
+        sched, ts, mask, obs_k, y, w, cov = batch
         z_b = z_all[rows]
         full = jnp.tile(base, (z_b.shape[0], 1)).at[:, idx].set(z_b)
         theta = model.from_unconstrained(full)
-        f = simulate(m, theta, sched, ts, mask, options=options).observed(m, theta, obs_k)
+        f = simulate(m, theta, sched, ts, mask, options=train_options).observed(m, theta, obs_k)
         sd = error_model.sd(jax.lax.stop_gradient(f))
         r = jnp.where(w, (jnp.where(w, y, 0.0) - f) / sd, 0.0)
         data = 0.5 * jnp.sum(r * r)
-        prior = 0.5 * jnp.sum(((z_b - z_typ) / omega) ** 2)
+        # a covariate network moves each patient's prior mean
+        shift = m.covariate_offsets(cov, train.covariate_names)[:, idx]
+        prior = 0.5 * jnp.sum(((z_b - z_typ - shift) / omega) ** 2)
         pen = penalty_weight * m.penalty() if hasattr(m, "penalty") else 0.0
         return (data + prior) / z_b.shape[0] + pen, data
 
@@ -238,7 +257,8 @@ def train_population(
 
     def batch_of(c, rows):
         return (jax.tree.map(lambda x: x[rows], c.schedule), c.obs_times[rows],
-                c.obs_mask[rows], c.obs_index[rows], c.obs_values[rows], c.data_mask[rows])
+                c.obs_mask[rows], c.obs_index[rows], c.obs_values[rows], c.data_mask[rows],
+                c.covariates[rows])
 
     n_obs = float(np.sum(np.asarray(train.data_mask)))
     while int(state.epoch) < epochs and int(state.bad_epochs) < patience:
@@ -264,9 +284,10 @@ def train_population(
             res = calibrate(new_model, val, free=free, error_model=dataclasses.replace(
                 error_model, estimate=False), max_iter=15, condition_until=val_condition_until,
                 typical=np.asarray(model.from_unconstrained(base.at[idx].set(trainable[2]))),
-                omega=np.asarray(jnp.zeros(model.n_params).at[idx].set(omega)))
+                omega=np.asarray(jnp.zeros(model.n_params).at[idx].set(omega)),
+                options=options)
             val_rmse = _weighted_rmse(new_model, val, res.params, error_model,
-                                      after=val_condition_until)
+                                      after=val_condition_until, options=options)
             improved = val_rmse < float(state.best_val)
         best_val = jnp.array(val_rmse) if improved and val is not None else state.best_val
         state = TrainState(model=new_model, z=z_all, typical_z=trainable[2], omega=omega,
@@ -285,14 +306,13 @@ def train_population(
     return state.best_model, state, history
 
 
-def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None) -> float:
-    """sqrt(mean(((y - f) / sd)^2)) over a cohort's data (only TIME > `after` if given)."""
-    from .simulate import simulate
-
-    sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask)
+def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None,
+                   options: SolverOptions | None = None) -> float:
+    """sqrt(mean(((y - f) / sd)^2)) over a cohort's data (the forecast part after `after`
+    if given)."""
+    sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask,
+                   options=options or EXPERIMENT_DEFAULT)
     f = sol.observed(model, theta, cohort.obs_index)
-    w = np.asarray(cohort.data_mask)
-    if after is not None:
-        w = w & (np.asarray(cohort.obs_times) > after)
+    w = np.asarray(cohort.score_mask(after))
     r = (np.asarray(cohort.obs_values) - np.asarray(f)) / np.asarray(error_model.sd(f))
     return float(np.sqrt(np.mean(r[w] ** 2)))

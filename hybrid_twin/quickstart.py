@@ -14,9 +14,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._atomic import atomic_write_text
+from .models import BergmanMinimal
+from .population import sample_params
+from .schedule import Schedule
+from .simulate import simulate
 
 
 def run_virtual_cohort(n: int = 1000, seed: int = 0, out: str = "runs/quickstart",
@@ -24,13 +29,6 @@ def run_virtual_cohort(n: int = 1000, seed: int = 0, out: str = "runs/quickstart
     """Simulate `n` virtual BergmanMinimal patients for 24 h; return the output folder."""
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
-    from .models import BergmanMinimal
-    from .population import sample_params
-    from .schedule import Schedule
-    from .simulate import simulate
-
     model = BergmanMinimal()
     rng = np.random.default_rng(seed)
     jdtype = jnp.float64 if dtype == "float64" else jnp.float32

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_twin import SolverOptions
+from hybrid_twin import SolverOptions, StepSizeController
 from hybrid_twin.calibrate import (
     ErrorModel,
     calibrate,
@@ -91,7 +91,7 @@ def test_backends_and_multiple_starts_agree(pk):
     em = dataclasses.replace(res.error_model, estimate=False)
     a = calibrate(model, sub, error_model=em)
     b = calibrate(model, sub, error_model=em,
-                  options=SolverOptions(rtol=1e-8, atol=1e-10, backend="diffrax"))
+                  options=SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10), backend="diffrax"))
     np.testing.assert_allclose(np.asarray(a.params), np.asarray(b.params), rtol=1e-4)
     c = calibrate(model, sub, error_model=em, n_starts=3, seed=1)
     assert np.all(np.asarray(c.cost) <= np.asarray(a.cost) * (1 + 1e-9))

@@ -1,5 +1,7 @@
 """Experiment configs: clear errors that name the key; overrides of nested keys."""
 
+import dataclasses
+
 import pytest
 
 from hybrid_twin.config import ConfigError, load_config
@@ -76,24 +78,104 @@ def test_learned_terms_and_truth_model_are_checked():
             "model.learned=[{kind: state_correction, states: [G]}, {kind: neural_ode}]"])
 
 
+def test_covariate_network_section():
+    cfg = load_config("configs/theophylline_covariates.yaml")
+    assert cfg.model.learned[0].params == ["CL", "V"]
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].params\[0\]: 'Cl' is not a "
+                                          r"parameter"):
+        load_config("configs/theophylline_covariates.yaml",
+                    ["model.learned.0.params=[Cl]"])
+    with pytest.raises(ConfigError, match="virtual cohorts carry no covariates"):
+        load_config("configs/quickstart.yaml", [
+            "model.learned=[{kind: covariate_network, params: [p1], covariates: [age]}]"])
+
+
 def test_solver_section_builds_the_solver_options():
     from hybrid_twin.config import solver_options
+    from hybrid_twin.solve import EXPERIMENT_DEFAULT, RK4, Kernel
 
     cfg = load_config("configs/quickstart.yaml",
                       ["solver.backend=kernel", "solver.method=rk4", "solver.dt0=0.5",
-                       "solver.kernel_block=64", "solver.kernel_warps=2",
-                       "solver.max_steps=5000"])
+                       "solver.kernel.block=64", "solver.kernel.warps=2",
+                       "solver.max_steps=5000", "solver.dtmax=obs"])
     opts = solver_options(cfg)
-    assert (opts.backend, opts.method, opts.dt0, opts.kernel_block, opts.kernel_warps,
-            opts.max_steps) == ("kernel", "rk4", 0.5, 64, 2, 5000)
-    with pytest.raises(ConfigError, match=r"solver.kernel_block must be a power of two, got 100"):
-        load_config("configs/quickstart.yaml", ["solver.kernel_block=100"])
+    assert opts.backend == Kernel(block=64, warps=2)
+    assert opts.method == RK4(0.5)
+    assert (opts.max_steps, opts.controller.dtmax) == (5000, "obs")
+    # the defaults are the library's
+    assert solver_options(load_config("configs/quickstart.yaml")) == EXPERIMENT_DEFAULT
+    # YAML 1.1 reads 1e-6 as a string; the config takes it as the number it is
+    assert solver_options(load_config("configs/quickstart.yaml",
+                                      ["solver.rtol=1e-6"])).controller.rtol == 1e-6
+    with pytest.raises(ConfigError, match=r"solver.kernel: Kernel.block must be a power of "
+                                          r"two, got 100"):
+        load_config("configs/quickstart.yaml", ["solver.kernel.block=100"])
+    with pytest.raises(ConfigError, match=r"'solver.kernel_block' has moved to "
+                                          r"'solver.kernel.block'"):
+        load_config("configs/quickstart.yaml", ["solver.kernel_block=64"])
     with pytest.raises(ConfigError, match=r"solver: method 'rk4' needs a step size dt0"):
         load_config("configs/quickstart.yaml", ["solver.backend=kernel", "solver.method=rk4"])
-    with pytest.raises(ConfigError, match=r"solver: the ensemble backend runs tsit5 and "
-                                          r"dopri5 only; use backend='kernel' for rk4"):
-        load_config("configs/quickstart.yaml", ["solver.method=rk4", "solver.dt0=1"])
+    with pytest.raises(ConfigError, match=r"solver: the diffrax backend runs tsit5, dopri5, "
+                                          r"kvaerno5 only, not rk4"):
+        load_config("configs/quickstart.yaml", ["solver.backend=diffrax", "solver.method=rk4",
+                                                "solver.dt0=1"])
+    with pytest.raises(ConfigError, match=r"solver: the ensemble backend differentiates in "
+                                          r"forward mode only, not reverse"):
+        load_config("configs/quickstart.yaml", ["solver.differentiation=reverse"])
     with pytest.raises(ConfigError, match=r"solver.backend: 'cuda' is not one of"):
         load_config("configs/quickstart.yaml", ["solver.backend=cuda"])
     with pytest.raises(ConfigError, match=r"'calibration.rtol' has moved to 'solver.rtol'"):
         load_config("configs/quickstart.yaml", ["calibration.rtol=1e-6"])
+
+
+def test_the_configured_solver_reaches_every_stage(tmp_path, monkeypatch):
+    """A run whose solver section names a backend that records what it is asked: every
+    solve the run asks for (virtual cohort, population fit, hybrid training with its
+    calibrations and validation, calibration, prediction, the VPC) reaches it, with the
+    configured tolerances and step limit."""
+    import importlib
+    import inspect
+    from typing import ClassVar
+
+    import training.run as runner
+    from hybrid_twin.config import solver_options
+    from hybrid_twin.solve import Diffrax
+
+    sim = importlib.import_module("hybrid_twin.simulate")  # the module, not the function
+    stages = ("virtual_cohort", "fit_population", "train_population", "_weighted_rmse",
+              "calibrate", "predict_with_intervals", "write_vpc")
+    asked: list = []
+
+    class Recording(Diffrax):
+        name: ClassVar[str] = "recording"
+
+        def solve(self, model, batch, options):
+            asked.append(("solved", options))
+            return super().solve(model, batch, options)
+
+    def recorded(compiled):
+        def entry(model, batch, *args):
+            options = args[-1]
+            names = {f.function for f in inspect.stack()}
+            asked.append((frozenset(names & set(stages)), options))
+            return compiled(model, batch, *args)
+        return entry
+
+    monkeypatch.setattr(sim, "_solve_compiled", recorded(sim._solve_compiled))
+    monkeypatch.setattr(sim, "_normal_compiled", recorded(sim._normal_compiled))
+    monkeypatch.setattr(runner, "solver_options", lambda cfg: dataclasses.replace(
+        solver_options(cfg), backend=Recording()))
+    cfg = load_config("configs/glucose_hybrid.yaml", [
+        "data.virtual.n=8", "data.virtual.horizon=360", "data.virtual.obs_every=15",
+        "evaluation.condition_until=180", "population.max_rounds=1",
+        "calibration.max_iter=2", "training.epochs=1", "training.batch_size=4",
+        "solver.backend=diffrax", "solver.rtol=1e-7", "solver.max_steps=3000"])
+    runner.run_experiment(cfg, tmp_path / "run")
+    entries = [(who, o) for who, o in asked if who != "solved"]
+    assert any(who == "solved" for who, _ in asked)
+    for who, options in entries:
+        assert isinstance(options.backend, Recording), sorted(who)
+        assert (options.controller.rtol, options.max_steps) == (1e-7, 3000), sorted(who)
+    reached = set().union(*(who for who, _ in entries))
+    assert reached == set(stages)
+    assert any({"train_population", "calibrate"} <= who for who, _ in entries)

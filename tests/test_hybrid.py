@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_twin import Schedule, SolverOptions, simulate
+from hybrid_twin import Schedule, SolverOptions, StepSizeController, simulate
 from hybrid_twin.hybrid import (
     CovariateNetwork,
     HybridModel,
@@ -19,7 +19,7 @@ from hybrid_twin.hybrid import (
 )
 from hybrid_twin.models import BergmanMinimal, OneCompartment
 
-OPTS = SolverOptions(rtol=1e-10, atol=1e-12)
+OPTS = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12))
 
 
 def glucose_day(model):

@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_twin import Schedule, SolverOptions, simulate
-from hybrid_twin._kernel import AxisDirections, normal_equations
+from hybrid_twin import RK4, Schedule, SolverOptions, StepSizeController, simulate
+from hybrid_twin.simulate import AxisDirections, FitData, normal_equations
 from hybrid_twin.calibrate import ErrorModel, calibrate
 from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
 from hybrid_twin.population import sample_params
 
-REF = SolverOptions(rtol=1e-11, atol=1e-12, max_steps=100_000)
-TSIT5 = SolverOptions(rtol=1e-10, atol=1e-12, backend="kernel")
-RK4_GLUCOSE = SolverOptions(method="rk4", dt0=0.25, backend="kernel", max_steps=100_000)
+REF = SolverOptions(controller=StepSizeController(rtol=1e-11, atol=1e-12), max_steps=100_000)
+TSIT5 = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend="kernel")
+RK4_GLUCOSE = SolverOptions(method=RK4(0.25), max_steps=100_000, backend="kernel")
 
 
 def glucose_cohort(n, seed=0):
@@ -67,8 +67,7 @@ def test_two_compartment_repeated_boluses_and_infusion_matches_diffrax(method):
     doses = [(12.0 * k, 200.0, "depot") for k in range(4)] + [(30.0, 500.0, "central", 250.0)]
     sched = Schedule.build(model, doses)
     ts = jnp.asarray(sorted({*np.arange(0.0, 48.01, 1.5), 12.0, 24.0, 31.0, 32.0}))
-    opts = TSIT5 if method == "tsit5" else SolverOptions(method="rk4", dt0=0.01,
-                                                         backend="kernel", max_steps=10_000)
+    opts = TSIT5 if method == "tsit5" else SolverOptions(method=RK4(0.01), max_steps=10_000, backend="kernel")
     ref = simulate(model, theta, sched, ts, options=REF)
     got = simulate(model, theta, sched, ts, options=opts)
     assert np.all(np.asarray(got.status) == 0)
@@ -125,7 +124,7 @@ def randomized_closure(model, key):
 
 
 @pytest.mark.parametrize("kind", ["state_correction", "scale_closure"])
-@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, dt0=0.1)],
+@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, method=RK4(0.1))],
                          ids=["tsit5", "rk4"])
 def test_hybrid_with_mlp_state_correction_matches_diffrax(opts, kind):
     model, theta, sched, ts = glucose_cohort(16, seed=2)
@@ -150,7 +149,7 @@ def test_inputs_match_diffrax(interpolation):
     assert rel_err(got.ys, ref.ys) < 1e-6
 
 
-@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, dt0=1.0)],
+@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, method=RK4(1.0))],
                          ids=["tsit5", "rk4"])
 def test_sensitivities_of_every_parameter_match_finite_differences(opts):
     """jax.jacfwd through the kernel's custom_jvp (sensitivities integrated in the kernel,
@@ -190,15 +189,15 @@ def test_normal_equations_equal_those_from_jacfwd_of_diffrax():
                               (jnp.zeros_like(z).at[:, k].set(1.0),))[1] for k in free])
     obs_index = jnp.zeros((n, m), jnp.int32)
     ts_b = jnp.broadcast_to(ts, (n, m))
-    got = normal_equations(model, theta, dirs, sched, ts_b, jnp.ones((n, m), bool), obs_index,
-                           jnp.asarray(y), weight, jnp.asarray(0.0), TSIT5, False)
+    data = FitData(jnp.asarray(y), weight, obs_index)
+    got = normal_equations(model, theta, dirs, sched, ts_b, jnp.ones((n, m), bool), data,
+                           options=TSIT5)._asdict()
     # the same along single parameters (what calibration passes for log/logit transforms)
     scale = jnp.stack([dirs[k, :, i] for k, i in enumerate(free)])
     axis = normal_equations(model, theta, AxisDirections(tuple(free), scale), sched, ts_b,
-                            jnp.ones((n, m), bool), obs_index, jnp.asarray(y), weight,
-                            jnp.asarray(0.0), TSIT5, False)
+                            jnp.ones((n, m), bool), data, options=TSIT5)._asdict()
 
-    ref_opts = SolverOptions(rtol=1e-10, atol=1e-12, dtmax="obs", adjoint="forward")
+    ref_opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12, dtmax="obs"), differentiation="forward")
 
     def resid(zf):
         full = z.at[:, free].set(zf)
@@ -209,9 +208,9 @@ def test_normal_equations_equal_those_from_jacfwd_of_diffrax():
     jac = np.asarray(jax.jacfwd(resid)(z[:, free]))[np.arange(n), :, np.arange(n), :]
     h_ref = np.einsum("nmk,nml->nkl", jac, jac)
     g_ref = np.einsum("nmk,nm->nk", jac, np.asarray(r))
-    assert rel_err(got["H"], h_ref) < 1e-5
+    assert rel_err(got["h"], h_ref) < 1e-5
     assert rel_err(got["g"], g_ref) < 1e-5
-    assert rel_err(axis["H"], h_ref) < 1e-5
+    assert rel_err(axis["h"], h_ref) < 1e-5
     assert rel_err(axis["g"], g_ref) < 1e-5
     np.testing.assert_allclose(np.asarray(got["cost"]), 0.5 * np.sum(np.asarray(r) ** 2, 1),
                                rtol=1e-6)
@@ -244,7 +243,7 @@ def test_calibration_through_the_kernel_recovers_parameters():
 
     # the calibration benchmark's glucose5 cohort: 5 free parameters, 5 mg/dL noise
     model, vc, free, _ = scenario("glucose5", 64, seed=3)
-    opts = SolverOptions(rtol=1e-8, atol=1e-10, backend="kernel")
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10), backend="kernel")
     res = calibrate(model, vc.cohort, free=free, options=opts, max_iter=20,
                     error_model=ErrorModel("additive", additive=5.0, estimate=False))
     idx = [model.index("param", q) for q in free]
@@ -259,14 +258,14 @@ def test_calibration_through_the_kernel_recovers_parameters():
 
 def test_auto_backend_and_option_checks(caplog):
     with caplog.at_level(logging.INFO, logger="hybrid_twin"):
-        assert SolverOptions(backend="auto").resolved().backend == "diffrax"
+        assert SolverOptions(backend="auto").resolved().backend_name == "diffrax"
     assert "no GPU" in caplog.text
-    assert SolverOptions(backend="auto", method="rk4", dt0=1.0).resolved().backend == "kernel"
+    assert SolverOptions(method=RK4(1.0), backend="auto").resolved().backend_name == "ensemble"
+    with pytest.raises(ValueError, match="needs a step size dt0"):
+        RK4()
     with pytest.raises(ValueError, match="needs a step size dt0"):
         SolverOptions(method="rk4", backend="kernel")
-    with pytest.raises(ValueError, match="rk4' runs on the kernel backend only"):
-        SolverOptions(method="rk4", dt0=1.0)
-    with pytest.raises(ValueError, match="explicit methods only"):
+    with pytest.raises(ValueError, match="kernel backend runs rk4, tsit5, dopri5 only"):
         SolverOptions(method="kvaerno5", backend="kernel")
     # derivatives with respect to network weights are refused with a clear message
     model, theta, sched, ts = glucose_cohort(2)
@@ -285,8 +284,9 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
     states-only solve (save times per patient and shared) and the normal-equation solve
     with sensitivities (dense and single-parameter directions), in float32. (Compiling the
     Triton IR to PTX and running it happen only on a GPU.)"""
-    from hybrid_twin._kernel import AxisDirections, lower_for_cuda
-    from hybrid_twin._kernel import prepare, run_kernel
+    from hybrid_twin.solve import Batch, Tsit5
+    from hybrid_twin.solve._core import prepare
+    from hybrid_twin.solve.kernel import lower_for_cuda, run_kernel
 
     model, theta, sched, ts = glucose_cohort(256)
     if hybrid:
@@ -296,19 +296,20 @@ def test_kernel_lowers_to_triton_for_cuda(hybrid):
     sched = jax.tree.map(lambda x: x.astype(f32) if x.dtype == jnp.float64 else x, sched)
     shared = ts.astype(f32)
     per_patient = jnp.broadcast_to(shared, (256, ts.shape[0]))
-    opts = SolverOptions(rtol=1e-5, atol=1e-6, backend="kernel")
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-5, atol=1e-6), backend="kernel")
 
     def solve(theta, sched, ts, k, axis):
-        prep = prepare(model, sched, ts, jnp.ones(ts.shape, bool), f32(0.0), False, f32)
+        prep = prepare(model, Batch(theta, sched, ts, jnp.ones(ts.shape, bool), f32(0.0), False))
         m = prep.ts.shape[1]
         dirs = None
         if k and axis:
             dirs = AxisDirections(tuple(range(k)), jnp.ones((k, 256), f32))
         elif k:
             dirs = jnp.broadcast_to(jnp.eye(11, dtype=f32)[:k, None, :], (k, 256, 11))
-        data = (jnp.zeros((m, 256), f32), jnp.ones((m, 256), f32),
-                jnp.zeros((m, 256), jnp.int32)) if k else None
-        return run_kernel(model, theta, prep, opts, interpret=False, block=128,
+        data = FitData(jnp.zeros((256, m), f32), jnp.ones((256, m), f32),
+                       jnp.zeros((256, m), jnp.int32)) if k else None
+        return run_kernel(model, theta, prep, method=Tsit5(), controller=opts.controller,
+                          interpret=False, block=128,
                           directions=dirs, data=data, want_states=not k)
 
     for ts_, k, axis in ((per_patient, 0, False), (shared, 0, False), (per_patient, 5, False),
@@ -330,7 +331,7 @@ class StackedElimination(TwoCompartment):
 
 
 def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, caplog):
-    from hybrid_twin._kernel import kernel_support
+    from hybrid_twin.solve import kernel_support
 
     model = BergmanMinimal()
     assert kernel_support(model) is None
@@ -339,12 +340,12 @@ def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, 
     assert reason is not None and "stack" in reason.lower()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     auto = SolverOptions(backend="auto")
-    assert auto.resolved(model).backend == "kernel"
+    assert auto.resolved(model).backend_name == "kernel"
     with caplog.at_level(logging.INFO, logger="hybrid_twin"):
-        assert auto.resolved(StackedElimination()).backend == "diffrax"
+        assert auto.resolved(StackedElimination()).backend_name == "diffrax"
     assert "does not lower to the kernel" in caplog.text
-    with pytest.raises(ValueError, match="rk4 needs"):
-        SolverOptions(backend="auto", method="rk4", dt0=0.1).resolved(StackedElimination())
+    rk4 = SolverOptions(method=RK4(0.1), backend="auto")
+    assert rk4.resolved(StackedElimination()).backend_name == "ensemble"
 
 
 @pytest.mark.parametrize("dt0", [0.1, 1 / 3])
@@ -355,8 +356,7 @@ def test_rk4_float32_takes_exactly_the_grid_steps(dt0):
     f32 = jnp.float32
     sched = jax.tree.map(lambda x: x.astype(f32) if x.dtype == jnp.float64 else x, sched)
     sol = simulate(model, theta.astype(f32), sched, ts.astype(f32),
-                   options=SolverOptions(method="rk4", dt0=dt0, backend="kernel",
-                                         max_steps=10**6))
+                   options=SolverOptions(method=RK4(dt0), max_steps=10**6, backend="kernel"))
     # every sample interval (5 min) and every sub-interval cut by a dose: ceil(len / dt0),
     # a last step within 8 ulps of the event landing on it
     for i in range(8):

@@ -108,3 +108,42 @@ def test_training_fits_a_missing_effect_and_keeps_the_best_model():
     assert train_rmse[-1] < 0.8 * train_rmse[0], train_rmse
     assert float(state.best_val) == min(val)
     assert np.all(np.isfinite(val))
+
+
+def test_covariate_network_learns_a_weight_effect():
+    """Patients whose clearance scales as (WT/70)^0.75: the covariate network trained with
+    the population learns each patient's typical CL from its weight (the slope of its
+    log-offset on log(WT/70) near 0.75), and a hybrid switched off ignores covariates."""
+    from hybrid_twin.data.virtual import CovariateEffect, CovariateSpec, Population
+    from hybrid_twin.hybrid import covariate_network
+
+    m = OneCompartment()
+    pop = Population(omega={"CL": 0.1, "V": 0.1, "ka": 0.1},
+                     covariates=(CovariateSpec("WT", "lognormal", 70.0, 0.3, 35.0, 140.0),),
+                     effects=(CovariateEffect("CL", "WT", "power", 0.75, 70.0),))
+    spec = ScheduleSpec(doses=(DoseSpec(0.0, 320.0, "depot"),),
+                        obs_times=(0.5, 1, 2, 4, 6, 8, 12, 24))
+    vc = virtual_cohort(m, 40, population=pop, schedule=spec,
+                        noise=NoiseModel("proportional", proportional_sd=0.05), seed=1)
+    net = covariate_network(m, ("CL",), ("WT",), key=jax.random.PRNGKey(0), width=8,
+                            depth=1, feature_scales={"WT": (70.0, 20.0)}, out_scale=0.5)
+    model = HybridModel(m, covariate_net=net)
+    trained, _, history = train_population(
+        model, vc.cohort, free=("ka", "CL", "V"),
+        error_model=ErrorModel("proportional", proportional=0.05, estimate=False),
+        epochs=40, batch_size=10, learning_rate=0.02, penalty_weight=0.0)
+    wt = np.asarray(vc.cohort.covariates)[:, 0]
+    names = vc.cohort.covariate_names
+    off = np.asarray(trained.covariate_offsets(vc.cohort.covariates, names))
+    cl = m.index("param", "CL")
+    slope = np.polyfit(np.log(wt / 70.0), off[:, cl], 1)[0]
+    assert 0.5 < slope < 1.0, slope
+    assert np.allclose(off[:, [i for i in range(m.n_params) if i != cl]], 0.0)
+    typ = np.asarray(trained.individual_typical(m.typical_params(), vc.cohort.covariates,
+                                                names))
+    np.testing.assert_allclose(typ[:, cl], m.typical_params()[cl] * np.exp(off[:, cl]))
+    off_model = trained.switched_off()
+    np.testing.assert_array_equal(
+        np.asarray(off_model.individual_typical(m.typical_params(), vc.cohort.covariates,
+                                                names)),
+        np.tile(m.typical_params(), (40, 1)))

@@ -14,6 +14,7 @@ SMALL = {
                                 "evaluation.condition_until=400", "population.max_rounds=2",
                                 "calibration.max_iter=10"],
     "configs/theophylline.yaml": ["population.max_rounds=3"],
+    "configs/theophylline_covariates.yaml": ["population.max_rounds=3", "training.epochs=3"],
     "configs/glucose_hybrid.yaml": ["data.virtual.n=16", "data.virtual.horizon=720",
                                     "evaluation.condition_until=400",
                                     "population.max_rounds=2", "calibration.max_iter=10",
@@ -31,9 +32,16 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
     for name in ("config.yaml", "metrics.json", "predictions.csv", "params.csv", "log.jsonl",
                  "fits.png", "pred_vs_obs.png", "vpc.png"):
         assert (out / name).exists(), name
-    if "hybrid" in config:
+    if "hybrid" in config or "covariates" in config:
         assert (out / "training.png").exists()
         assert "training_s" in json.loads((out / "metrics.json").read_text())["run"]["wall_s"]
+    if "covariates" in config:  # the covariate network trained: it moves the subjects
+        from training.run import load_trained_model
+
+        model = load_trained_model(out)
+        cohort = read_event_table("hybrid_twin/datasets/theophylline.csv", model)
+        offsets = model.covariate_offsets(cohort.covariates, cohort.covariate_names)
+        assert float(abs(offsets).max()) > 1e-4
     metrics = json.loads((out / "metrics.json").read_text())
     splits = [s for s in metrics if s != "run"]
     assert splits

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_twin import Schedule, SolverOptions, Status, simulate
+from hybrid_twin import RK4, Diffrax, Schedule, SolverOptions, Status, StepSizeController, simulate
 from hybrid_twin.models import BergmanMinimal, OneCompartment, TwoCompartment
 from hybrid_twin.models.base import DoseTarget, MechanisticModel, Observable, Parameter, State
 from hybrid_twin.population import sample_params
@@ -39,7 +39,7 @@ def test_batch_equals_single_solves():
     n = 64
     params = np.asarray(sample_params(model, jax.random.PRNGKey(1), n))
     sched, ts, mask, singles = random_schedules(model, n, rng)
-    opts = SolverOptions(rtol=1e-8, atol=1e-10)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10))
     batch = simulate(model, params, sched, ts, mask, options=opts)
     assert batch.ys.shape == (n, ts.shape[1], 3)
     assert np.all(np.asarray(batch.status) == 0)
@@ -82,7 +82,7 @@ def check_gradients(jac, fd, theta, tol):
     assert np.max(err) < tol, (np.max(err), np.unravel_index(np.argmax(err), err.shape))
 
 
-@pytest.mark.parametrize("adjoint", ["checkpoint", "forward"])
+@pytest.mark.parametrize("adjoint", ["reverse", "forward"])
 def test_gradients_glucose_from_steady_state(adjoint):
     """Every parameter's sensitivity of glucose and insulin at each sample, from the
     basal steady state (DESIGN.md numerical pitfall), against central differences."""
@@ -91,12 +91,12 @@ def test_gradients_glucose_from_steady_state(adjoint):
     sched = Schedule.build(model, [(300.0, 60.0, "meal"), (300.0, 1.5, "insulin"),
                                    (600.0, 40.0, "meal")])
     ts = jnp.arange(0.0, 901.0, 30.0)
-    opts = SolverOptions(rtol=1e-10, atol=1e-12, dtmax="obs", adjoint=adjoint)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12, dtmax="obs"), differentiation=adjoint)
 
     def obs(th):
         return simulate(model, th, sched, ts, options=opts).observables(model, th)
 
-    jac_fn = jax.jacrev(obs) if adjoint == "checkpoint" else jax.jacfwd(obs)
+    jac_fn = jax.jacrev(obs) if adjoint == "reverse" else jax.jacfwd(obs)
     jac = np.asarray(jac_fn(jnp.asarray(theta)))
     fd = central_fd(obs, theta)
     check_gradients(jac, fd, theta, 1e-4)
@@ -108,7 +108,7 @@ def test_gradients_pk_every_parameter():
     theta = model.typical_params(ka=0.8)
     sched = Schedule.build(model, [(0.0, 100.0, "depot"), (12.0, 80.0, "central", 40.0)])
     ts = jnp.linspace(0.5, 36.0, 20)
-    opts = SolverOptions(rtol=1e-10, atol=1e-12)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12))
 
     def conc(th):
         return simulate(model, th, sched, ts, options=opts).observables(model, th)[:, 0]
@@ -157,9 +157,9 @@ def test_stiff_solver_agrees():
     theta = model.typical_params()
     sched = Schedule.build(model, [(60.0, 50.0, "meal"), (60.0, 1.0, "insulin")])
     ts = np.arange(0.0, 600.0, 10.0)
-    a = simulate(model, theta, sched, ts, options=SolverOptions(rtol=1e-9, atol=1e-10))
+    a = simulate(model, theta, sched, ts, options=SolverOptions(controller=StepSizeController(rtol=1e-9, atol=1e-10)))
     b = simulate(model, theta, sched, ts,
-                 options=SolverOptions(method="kvaerno5", rtol=1e-9, atol=1e-10))
+                 options=SolverOptions(method="kvaerno5", controller=StepSizeController(rtol=1e-9, atol=1e-10)))
     assert int(b.status) == 0
     np.testing.assert_allclose(np.asarray(b.ys[:, 0]), np.asarray(a.ys[:, 0]), rtol=1e-6)
 
@@ -173,7 +173,7 @@ def test_linear_input_interpolation(backend):
                            interpolation="linear")
     ts = np.array([100.0, 160.0, 220.0, 400.0, 2000.0])
     sol = simulate(model, theta, sched, ts,
-                   options=SolverOptions(rtol=1e-10, atol=1e-12, backend=backend))
+                   options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend=backend))
     q = np.asarray(sol.ys[:, 3])
     k = 0.05
     # dQ/dt = -k Q + r t' on the ramp up: Q(60) = r/k (60 - (1 - e^{-60k})/k) with r = 2/60
@@ -228,10 +228,10 @@ def test_save_chunks_do_not_change_the_solution():
     mask = np.ones(ts.shape, bool)
     mask[-2:] = False
     ref = simulate(model, theta, sched, ts, mask,
-                   options=SolverOptions(rtol=1e-10, atol=1e-12, save_chunk=100))
+                   options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend=Diffrax(save_chunk=100)))
     for chunk in (1, 2, 3):
         sol = simulate(model, theta, sched, ts, mask,
-                       options=SolverOptions(rtol=1e-10, atol=1e-12, save_chunk=chunk))
+                       options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend=Diffrax(save_chunk=chunk)))
         np.testing.assert_allclose(np.asarray(sol.ys)[mask], np.asarray(ref.ys)[mask],
                                    rtol=1e-8, atol=1e-10)
     c = np.asarray(ref.observables(model, theta))[:, 0]
@@ -244,14 +244,14 @@ def test_ensemble_backend_equals_diffrax_on_a_random_batch():
     rng = np.random.default_rng(5)
     params = np.asarray(sample_params(model, jax.random.PRNGKey(7), 48))
     sched, ts, mask, singles = random_schedules(model, 48, rng)
-    a = simulate(model, params, sched, ts, mask, options=SolverOptions(rtol=1e-10, atol=1e-12))
+    a = simulate(model, params, sched, ts, mask, options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12)))
     b = simulate(model, params, sched, ts, mask,
-                 options=SolverOptions(rtol=1e-10, atol=1e-12, backend="ensemble"))
+                 options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend="ensemble"))
     assert np.all(np.asarray(b.status) == 0)
     ya, yb = np.asarray(a.ys)[mask], np.asarray(b.ys)[mask]
     np.testing.assert_allclose(yb, ya, rtol=1e-6, atol=1e-8)
     one = simulate(model, params[3], singles[3], ts[3, :mask[3].sum()],
-                   options=SolverOptions(rtol=1e-10, atol=1e-12, backend="ensemble"))
+                   options=SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend="ensemble"))
     np.testing.assert_allclose(np.asarray(one.ys), np.asarray(b.ys[3, :mask[3].sum()]),
                                rtol=1e-6, atol=1e-8)
 
@@ -262,7 +262,7 @@ def test_ensemble_forward_mode_gradients_from_steady_state():
     sched = Schedule.build(model, [(300.0, 60.0, "meal"), (300.0, 1.5, "insulin"),
                                    (600.0, 40.0, "meal")])
     ts = jnp.arange(0.0, 901.0, 30.0)
-    opts = SolverOptions(rtol=1e-10, atol=1e-12, backend="ensemble")
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend="ensemble")
 
     def obs(th):
         return simulate(model, th, sched, ts, options=opts).observables(model, th)
@@ -271,25 +271,28 @@ def test_ensemble_forward_mode_gradients_from_steady_state():
     check_gradients(jac, central_fd(obs, theta), theta, 1e-4)
 
 
-def test_ensemble_rejects_implicit_methods():
-    with pytest.raises(ValueError, match="runs tsit5 and dopri5 only"):
+def test_backends_refuse_what_they_cannot_honour():
+    with pytest.raises(ValueError, match="ensemble backend runs tsit5, dopri5, rk4 only, "
+                                         "not kvaerno5"):
         SolverOptions(method="kvaerno5", backend="ensemble")
+    with pytest.raises(ValueError, match="ensemble backend differentiates in forward mode "
+                                         "only, not reverse"):
+        SolverOptions(backend="ensemble", differentiation="reverse")
+    with pytest.raises(ValueError, match="diffrax backend runs tsit5, dopri5, kvaerno5 only"):
+        SolverOptions(method=RK4(1.0))
 
 
 def test_event_order_without_sort_equals_lexsort():
-    """The counted event order (few dose events) is the sort's, with ties at observation
-    times, ties among doses, masked observations in the middle and masked doses."""
-    from hybrid_twin._ensemble import _event_order
+    """The counted order of the dose events equals the sort's, with ties among doses and
+    masked doses."""
+    from hybrid_twin.solve._core import event_order
 
     rng = np.random.default_rng(3)
-    m, q = 12, 7
+    q = 9
     for _ in range(200):
-        t_o = np.sort(rng.choice([0.0, 1.0, 2.0, 2.5, 4.0, 7.0], m))
-        t_q = rng.choice([0.0, 1.0, 1.5, 2.0, 4.0, 9.0], q)
-        ok = rng.random(m + q) < 0.8
-        t_end = 9.0
-        times = jnp.asarray(np.where(ok, np.concatenate([t_o, t_q]), t_end))
-        rank = jnp.concatenate([2 * jnp.arange(m), jnp.full((q,), 2 * m)])
-        got = _event_order(times, jnp.asarray(ok), rank, m)
-        want = jnp.lexsort((rank, times, ~jnp.asarray(ok)))
+        times = rng.choice([0.0, 1.0, 1.5, 2.0, 4.0, 9.0], q)
+        ok = rng.random(q) < 0.8
+        times = jnp.asarray(np.where(ok, times, np.inf))
+        got = event_order(times, jnp.asarray(ok))
+        want = jnp.lexsort((times, ~jnp.asarray(ok)))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from hybrid_twin._atomic import atomic_write_text
+from hybrid_twin.config import load_config
+from hybrid_twin.data.cohort import after_cut
 from training.run import summary_table
 
 
@@ -20,8 +21,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     for name in ("predictions.csv", "config.yaml"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run directory?")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cond = cfg.get("evaluation", {}).get("condition_until")
+    cond = load_config(run_dir / "config.yaml").evaluation.condition_until
     errs: dict[str, dict[str, list[float]]] = {}
     with open(run_dir / "predictions.csv", newline="") as fh:
         for line, row in enumerate(csv.DictReader(fh), start=2):
@@ -31,7 +31,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
                 t, dv, pred = float(row["TIME"]), float(row["DV"]), float(row["PRED"])
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{run_dir / 'predictions.csv'}:{line}: {e}") from None
-            if cond is not None and t <= cond:
+            if not after_cut(np.float64(t), cond):
                 continue
             errs.setdefault(row["SPLIT"], {}).setdefault(row["OBS"], []).append(pred - dv)
     metrics: dict = {}

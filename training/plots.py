@@ -57,10 +57,11 @@ def write_plots(run_dir: Path, model, plot_data: dict, condition_until, n_patien
 
 
 def write_vpc(run_dir: Path, model, cohort, typical, omega, error_model, free,
-              n_sim: int = 20, seed: int = 0) -> None:
+              n_sim: int = 20, seed: int = 0, options=None) -> None:
     """Visual predictive check: percentiles (10/50/90) of the observed data in time bins
     over the 90% bands of the same percentiles in `n_sim` replicates of the cohort
-    simulated from the fitted population (parameters and residual error)."""
+    simulated (with `options`, a `SolverOptions`) from the fitted population (parameters
+    and residual error)."""
     import jax.numpy as jnp
     import matplotlib
 
@@ -91,7 +92,8 @@ def write_vpc(run_dir: Path, model, cohort, typical, omega, error_model, free,
         z = np.tile(z_typ, (n, 1))
         z[:, idx] += np.asarray(omega)[idx] * rng.standard_normal((n, idx.size))
         theta = model.from_unconstrained(jnp.asarray(z))
-        sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask)
+        sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask,
+                       options=options)
         f = np.asarray(sol.observables(model, theta))[..., 0]
         sims.append(binned(f + np.asarray(error_model.sd(f)) * rng.standard_normal(f.shape)))
     sims = np.stack(sims)

@@ -49,13 +49,14 @@ def build_model(cfg: ExperimentConfig, mechanistic):
 
     from hybrid_twin.hybrid import (
         HybridModel,
+        covariate_network,
         neural_ode,
         state_correction,
         term_closure,
     )
 
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), len(cfg.model.learned))
-    corrections, closures = [], []
+    corrections, closures, covariate_net = [], [], None
     day = cfg.model.learned[0].day_length or (1440.0 if mechanistic.time_unit == "min" else 24.0)
     for key, lt in zip(keys, cfg.model.learned):
         scales = {k: tuple(v) for k, v in lt.feature_scales.items()}
@@ -63,7 +64,11 @@ def build_model(cfg: ExperimentConfig, mechanistic):
             return neural_ode(mechanistic, key=key, width=lt.width, depth=lt.depth,
                               features=lt.features or None, feature_scales=scales,
                               out_scale=lt.out_scale, day_length=day)
-        if lt.kind == "state_correction":
+        if lt.kind == "covariate_network":
+            covariate_net = covariate_network(
+                mechanistic, lt.params, lt.covariates, key=key, width=lt.width,
+                depth=lt.depth, feature_scales=scales, out_scale=lt.out_scale)
+        elif lt.kind == "state_correction":
             corrections.append(state_correction(
                 mechanistic, lt.states, lt.features, key=key, width=lt.width, depth=lt.depth,
                 feature_scales=scales, out_scale=lt.out_scale))
@@ -71,7 +76,8 @@ def build_model(cfg: ExperimentConfig, mechanistic):
             closures.append(term_closure(
                 mechanistic, lt.term, lt.features, key=key, width=lt.width, depth=lt.depth,
                 feature_scales=scales, out_scale=lt.out_scale, mode=lt.mode))
-    return HybridModel(mechanistic, tuple(corrections), tuple(closures), day_length=day)
+    return HybridModel(mechanistic, tuple(corrections), tuple(closures), covariate_net,
+                       day_length=day)
 
 
 def load_trained_model(run_dir: str | os.PathLike):
@@ -96,27 +102,21 @@ def load_trained_model(run_dir: str | os.PathLike):
 
 
 def build_cohort(cfg: ExperimentConfig, model):
-    """The configured data as a Cohort."""
+    """The configured data as a Cohort (a virtual one simulated with the configured
+    solver)."""
     from hybrid_twin.data import read_cohort_h5, read_event_table
-    from hybrid_twin.data.virtual import (
-        DoseSpec,
-        NoiseModel,
-        ScheduleSpec,
-        virtual_cohort,
-    )
+    from hybrid_twin.data.virtual import ScheduleSpec, virtual_cohort
 
     if cfg.data.source == "csv":
         return read_event_table(cfg.data.path, model), None
     if cfg.data.source == "hdf5":
         return read_cohort_h5(cfg.data.path), None
     v = cfg.data.virtual
-    spec = ScheduleSpec(
-        doses=tuple(DoseSpec(d.time, d.amount, d.target, d.rate, d.time_jitter, d.amount_cv)
-                    for d in v.doses),
-        obs_every=v.obs_every, obs_start=v.obs_start, horizon=v.horizon,
-        observables=tuple(v.observables) if v.observables else None)
-    noise = NoiseModel(v.noise.kind, v.noise.additive_sd, v.noise.proportional_sd)
-    vc = virtual_cohort(model, v.n, schedule=spec, noise=noise, seed=v.seed)
+    spec = ScheduleSpec(doses=tuple(v.doses), obs_every=v.obs_every, obs_start=v.obs_start,
+                        horizon=v.horizon,
+                        observables=tuple(v.observables) if v.observables else None)
+    vc = virtual_cohort(model, v.n, schedule=spec, noise=v.noise, seed=v.seed,
+                        options=solver_options(cfg))
     return vc.cohort, vc
 
 
@@ -219,8 +219,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     log("data", patients=cohort.n_patients, **{k: v.n_patients for k, v in parts.items()})
 
     free = tuple(cfg.model.free) if cfg.model.free else None
-    em = ErrorModel(cfg.error_model.kind, cfg.error_model.additive,
-                    cfg.error_model.proportional, cfg.error_model.estimate)
+    em = cfg.error_model
     options = solver_options(cfg)
     typical, omega = model.typical_params(), model.omegas()
     if free is None:
@@ -262,7 +261,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
             epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
             learning_rate=cfg.training.learning_rate, penalty_weight=cfg.training.penalty_weight,
             patience=cfg.training.patience, val_condition_until=cfg.evaluation.condition_until,
-            seed=cfg.seed, checkpoint_dir=ckpt / "training", on_epoch_end=on_epoch)
+            seed=cfg.seed, checkpoint_dir=ckpt / "training", options=options,
+            on_epoch_end=on_epoch)
         wall["training_s"] = time.perf_counter() - t
         import equinox as eqx
 
@@ -300,7 +300,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
                                               c.obs_index, options=options)
         pred, lo, hi = (np.asarray(a) for a in (pred, lo, hi))
         data_mask = np.asarray(c.data_mask)
-        eval_mask = data_mask & (np.asarray(c.obs_times) > cond) if cond is not None else data_mask
+        eval_mask = np.asarray(c.score_mask(cond))
         metrics[split] = _metrics(model, c, pred, lo, hi, eval_mask, cfg.evaluation.metrics)
         if cfg.evaluation.horizons:
             t_rel = np.asarray(c.obs_times) - cond
@@ -343,7 +343,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
         write_plots(run_dir, model, plot_data, cond, cfg.evaluation.plot_patients)
         vpc_split = "test" if "test" in plot_data else next(iter(plot_data))
         write_vpc(run_dir, model, plot_data[vpc_split][0], typical, omega, em, free,
-                  seed=cfg.seed)
+                  seed=cfg.seed, options=options)
         wall["plots_s"] = time.perf_counter() - t
     import diffrax
     import equinox

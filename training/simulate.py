@@ -99,7 +99,7 @@ def simulate_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, chunk:
     summary = {
         "name": cfg.name, "model": cfg.model.name, "learned": bool(cfg.model.learned),
         "model_from": str(model_from) if model_from else None, "n_patients": n,
-        "seed": seed, "backend": options.backend, "device": str(jax.devices()[0]),
+        "seed": seed, "backend": options.backend_name, "device": str(jax.devices()[0]),
         "wall_s": round(wall, 3), "failed_patients": int(np.sum(status_all != 0)),
         "observables": {
             name: {"mean": float(np.mean(pred[sel & (k == j)])),

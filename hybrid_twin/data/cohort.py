@@ -12,6 +12,25 @@ import numpy as np
 from ..schedule import Schedule
 
 
+def before_cut(times, condition_until: float | None):
+    """The forecast rule, for any array of observation times: True where an observation
+    conditions a forecast made at `condition_until` (TIME <= condition_until; every
+    observation when it is None). Its complement is where the forecast is scored
+    (`after_cut`)."""
+    if condition_until is None:
+        xp = jnp if isinstance(times, jax.Array) else np
+        return xp.ones(xp.shape(times), bool)
+    return times <= condition_until
+
+
+def after_cut(times, condition_until: float | None):
+    """Where a forecast made at `condition_until` is scored: TIME > condition_until (every
+    observation when it is None: the fit itself is scored)."""
+    if condition_until is None:
+        return before_cut(times, None)
+    return ~before_cut(times, condition_until)
+
+
 class Cohort(eqx.Module):
     """Observations, schedules and covariates of N patients, ready for `simulate`.
 
@@ -48,6 +67,16 @@ class Cohort(eqx.Module):
     def data_mask(self) -> jax.Array:
         """(N, M) True where a real observation has a value to fit."""
         return self.obs_mask & ~self.obs_missing
+
+    def fit_mask(self, condition_until: float | None = None) -> jax.Array:
+        """(N, M) the data a forecast made at `condition_until` is conditioned on (all
+        data when None); see `before_cut`."""
+        return self.data_mask & before_cut(self.obs_times, condition_until)
+
+    def score_mask(self, condition_until: float | None = None) -> jax.Array:
+        """(N, M) the data a forecast made at `condition_until` is scored on (all data
+        when None); see `after_cut`."""
+        return self.data_mask & after_cut(self.obs_times, condition_until)
 
     def select(self, indices: Sequence[int] | np.ndarray) -> Cohort:
         """The sub-cohort of the given patient indices (in that order)."""

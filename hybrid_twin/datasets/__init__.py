@@ -7,6 +7,7 @@ from pathlib import Path
 from ..data.cohort import Cohort
 from ..data.events import read_event_table
 from ..models.base import MechanisticModel
+from ..models.pkpd import OneCompartment
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,7 +24,5 @@ def load_theophylline(model: MechanisticModel | None = None) -> Cohort:
     `model` defaults to `pkpd.OneCompartment()`.
     """
     if model is None:
-        from ..models.pkpd import OneCompartment
-
         model = OneCompartment()
     return read_event_table(theophylline_path(), model)

@@ -253,6 +253,21 @@ class MechanisticModel(eqx.Module):
         cols = [_inverse(q, z[..., i]) for i, q in enumerate(self.parameters)]
         return jnp.stack(cols, axis=-1)
 
+    def covariate_offsets(self, covariates: Array, covariate_names: Sequence[str]) -> Array:
+        """Each patient's shift of its typical parameters in the fitting space, `(N,
+        n_params)`, from its covariates `(N, C)` named `covariate_names`: none here (a
+        hybrid model with a covariate network learns them)."""
+        n = jnp.shape(covariates)[0]
+        return jnp.zeros((n, self.n_params))
+
+    def individual_typical(self, typical: Array, covariates: Array,
+                           covariate_names: Sequence[str]) -> Array:
+        """Each patient's typical parameters in natural units, `(N, n_params)`: the
+        population's `typical` `(n_params,)` moved by `covariate_offsets` (here: not
+        moved)."""
+        n = jnp.shape(covariates)[0]
+        return jnp.broadcast_to(jnp.asarray(typical), (n, self.n_params))
+
     def omegas(self) -> np.ndarray:
         """Between-patient log-scale standard deviations, ordered as `parameters`."""
         return np.array([q.omega for q in self.parameters], dtype=np.float64)

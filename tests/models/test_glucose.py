@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from hybrid_twin import Schedule, SolverOptions, simulate
+from hybrid_twin import Schedule, SolverOptions, StepSizeController, simulate
 from hybrid_twin.models import BergmanCircadian, BergmanMinimal
 
 MEALS = [(420.0, 60.0), (730.0, 85.0), (1150.0, 70.0)]
@@ -51,7 +51,7 @@ def test_bergman_matches_scipy(backend):
     doses = [(t, a, "meal") for t, a in MEALS] + [(t, a, "insulin") for t, a in INSULIN]
     ts = np.arange(0.0, 1441.0, 5.0)
     sol = simulate(model, theta, Schedule.build(model, doses), ts,
-                   options=SolverOptions(rtol=1e-9, atol=1e-10, backend=backend))
+                   options=SolverOptions(controller=StepSizeController(rtol=1e-9, atol=1e-10), backend=backend))
     ref = scipy_reference(theta, ts)
     ys = np.asarray(sol.ys)
     glucose = np.asarray(sol.observables(model, theta))[:, 0]
@@ -71,7 +71,7 @@ def test_bergman_carb_rate_input_matches_scipy(backend):
         model, [(t, a, "insulin") for t, a in INSULIN] + [(t, a, "meal") for t, a in MEALS[1:]],
         inputs=[(420.0, [4.0]), (435.0, [0.0])])
     ts = np.arange(0.0, 1441.0, 5.0)
-    sol = simulate(model, theta, sched, ts, options=SolverOptions(rtol=1e-9, atol=1e-10, backend=backend))
+    sol = simulate(model, theta, sched, ts, options=SolverOptions(controller=StepSizeController(rtol=1e-9, atol=1e-10), backend=backend))
     old = MEALS[:]
     try:
         MEALS[:] = MEALS[1:]
@@ -109,7 +109,7 @@ def test_circadian_model_matches_scipy_and_reduces_to_minimal():
     theta = model.typical_params(a_si=0.5, t_si=400.0)
     doses = [(t, a, "meal") for t, a in MEALS] + [(t, a, "insulin") for t, a in INSULIN]
     ts = np.arange(0.0, 1441.0, 5.0)
-    opts = SolverOptions(rtol=1e-9, atol=1e-10)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-9, atol=1e-10))
     sched = Schedule.build(model, doses)
     glucose = np.asarray(simulate(model, theta, sched, ts, options=opts).ys)[:, 0]
     ref = scipy_reference(np.asarray(theta), ts, circadian=(0.5, 400.0))

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from hybrid_twin import Schedule, SolverOptions, simulate
+from hybrid_twin import Schedule, SolverOptions, StepSizeController, simulate
 from hybrid_twin.models import OneCompartment, TwoCompartment
 
 BACKENDS = pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
 
 
 def tight(backend):
-    return SolverOptions(rtol=1e-10, atol=1e-12, backend=backend)
+    return SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend=backend)
 
 
 def one_cmt_oral(t, dose_t, amt, ka, cl, v):

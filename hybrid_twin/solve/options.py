@@ -1,0 +1,114 @@
+"""`SolverOptions`: how to solve, split the way diffrax splits it — a method, a step-size
+controller, the step limit, the differentiation mode, and the backend with the settings it
+owns — and the registry of backends by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import equinox as eqx
+import jax
+
+from ..models.base import MechanisticModel
+from ._core import Method, StepSizeController, Tsit5, as_method
+from .backend import Backend
+from .diffrax_backend import Diffrax
+from .ensemble import Ensemble
+from .kernel import Kernel, kernel_support
+
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Diffrax, Ensemble, Kernel)}
+BACKEND_NAMES = (*BACKENDS, "auto")
+DIFFERENTIATION = ("forward", "reverse")
+logger = logging.getLogger("hybrid_twin")
+
+
+def as_backend(backend: Backend | str) -> Backend | str:
+    """A `Backend` from itself or its name; "auto" stays "auto" until `resolved`."""
+    if isinstance(backend, Backend) or backend == "auto":
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    return BACKENDS[backend]()
+
+
+class SolverOptions(eqx.Module):
+    """How to integrate. All fields are static (changing one recompiles).
+
+    Attributes:
+        method: `Tsit5()` (default), `Dopri5()`, `Kvaerno5()` (stiff, diffrax backend) or
+            `RK4(dt0)` (fixed step; ensemble and kernel backends); or a method's name.
+        controller: `StepSizeController(rtol, atol, dtmax)` of the adaptive methods.
+        max_steps: step limit per patient, in total; a patient that needs more is
+            flagged `Status.MAX_STEPS` (the others are unaffected).
+        differentiation: "reverse" (`jax.grad`), "forward" (`jax.jvp`/`jax.jacfwd`,
+            cheaper for Gauss–Newton Jacobians with few parameters) or None (the
+            backend's default). A mode the backend cannot honour is an error.
+        backend: `Diffrax(save_chunk)` (default), `Ensemble()`, `Kernel(block, warps)`,
+            a backend's name, or "auto" (the kernel on a GPU when the model lowers to it,
+            otherwise diffrax; see `resolved`).
+    """
+
+    method: Method = eqx.field(static=True, default=Tsit5(), converter=as_method)
+    controller: StepSizeController = eqx.field(static=True, default=StepSizeController())
+    max_steps: int = eqx.field(static=True, default=4096)
+    differentiation: str | None = eqx.field(static=True, default=None)
+    backend: Backend | str = eqx.field(static=True, default=Diffrax(), converter=as_backend)
+
+    def __check_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.differentiation not in (None, *DIFFERENTIATION):
+            raise ValueError(f"differentiation must be one of {DIFFERENTIATION} or None, "
+                             f"got {self.differentiation!r}")
+        if isinstance(self.backend, Backend):
+            self.backend.check(self)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend if isinstance(self.backend, str) else self.backend.name
+
+    def resolved(self, model: MechanisticModel | None = None) -> SolverOptions:
+        """The options with backend "auto" resolved for the default JAX device (and, on a
+        GPU, for `model`: the kernel only if the model lowers to it); the choice is
+        logged."""
+        if self.backend != "auto":
+            return self
+        method = self.method.name
+        if method not in Kernel.methods:
+            logger.info("backend auto: diffrax (the kernel runs explicit methods only)")
+            return dataclasses.replace(self, backend=Diffrax())
+        if jax.default_backend() != "gpu":
+            if method not in Diffrax.methods:
+                logger.info("backend auto: ensemble (%s runs on the ensemble and kernel "
+                            "backends)", method)
+                return dataclasses.replace(self, backend=Ensemble())
+            logger.info("backend auto: diffrax (no GPU; the kernel would run interpreted)")
+            return dataclasses.replace(self, backend=Diffrax())
+        if model is not None:
+            reason = kernel_support(model)
+            if reason is not None:
+                if method not in Diffrax.methods:
+                    logger.warning("backend auto: ensemble, %s does not lower to the "
+                                   "kernel: %s", type(model).__name__, reason)
+                    return dataclasses.replace(self, backend=Ensemble())
+                logger.warning("backend auto: diffrax, %s does not lower to the kernel: %s",
+                               type(model).__name__, reason)
+                return dataclasses.replace(self, backend=Diffrax())
+        return dataclasses.replace(self, backend=Kernel())
+
+    def for_gradients(self) -> SolverOptions:
+        """The options a gradient-based fit needs: on the diffrax backend the step is
+        capped at the observation spacing unless a cap is set (steady-state
+        sensitivities, DESIGN.md)."""
+        if isinstance(self.backend, Diffrax) and self.controller.dtmax is None:
+            return dataclasses.replace(
+                self, controller=dataclasses.replace(self.controller, dtmax="obs"))
+        return self
+
+
+DEFAULT = SolverOptions()
+EXPERIMENT_DEFAULT = SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10),
+                                   backend=Ensemble())
+"""The options of calibration and of experiment configs unless they say otherwise: the
+ensemble backend with tight tolerances (forward-mode Jacobians stay accurate)."""
