@@ -290,10 +290,9 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
             run = ((c.t < t_o) & (c.status == Status.OK)) | pending_of(c)
             return jnp.max(run.astype(jnp.int32)) > 0
 
-        def apply_dose(c: Step) -> Step:
+        def apply_dose(c: Step, pending) -> Step:
             # one due dose per lane: the jump, the next other event, the new segment's
             # rates and inputs, and (FSAL) the first stage anew
-            pending = pending_of(c)
             iq_c = jnp.minimum(c.iq, q_dim - 1)
             amount = jnp.where(pending, src.q_jump[iq_c, lane], 0.0)
             target = src.q_state[iq_c, lane]
@@ -310,8 +309,9 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
                               steps_seg=jnp.where(pending, c.steps, c.steps_seg))
 
         def body(c: Step) -> Step:
-            c = jax.lax.cond(jnp.max(pending_of(c).astype(jnp.int32)) > 0, apply_dose,
-                             lambda a: a, c)
+            pending = pending_of(c)
+            c = jax.lax.cond(jnp.max(pending.astype(jnp.int32)) > 0,
+                             lambda a: apply_dose(a, pending), lambda a: a, c)
             # step towards the next dose before the sample, else the sample
             t_ev = jnp.where(c.t_q < t_o, c.t_q, t_o)
             active = (c.t < t_o) & (c.status == Status.OK) & ~pending_of(c)
