@@ -303,7 +303,7 @@ def calibrate(
         if best is None:
             best = (z, cost, conv, h, n_it)
         else:
-            take = cost < best[1]
+            take = (cost < best[1]) | ~jnp.isfinite(best[1])
             best = (jnp.where(take[:, None], z, best[0]), jnp.where(take, cost, best[1]),
                     jnp.where(take, conv, best[2]), jnp.where(take[:, None, None], h, best[3]),
                     max(n_it, best[4]))

@@ -27,6 +27,7 @@ from .solve import (
     EXPERIMENT_DEFAULT,
     METHODS,
     RK4,
+    Auto,
     Diffrax,
     Kernel,
     SolverOptions,
@@ -114,9 +115,10 @@ class SolverConfig:
     (`solver_options`); defaults are `hybrid_twin.solve.EXPERIMENT_DEFAULT`'s. `backend`
     (diffrax | ensemble | kernel | auto), `method` (tsit5 | dopri5 | kvaerno5 | rk4, with
     step `dt0`), the step-size controller (`rtol`, `atol`, `dtmax`: a number, "obs" or
-    null), the per-patient step limit, the differentiation mode (null: each stage's own),
-    and the settings owned by one backend: `kernel` (`block`, `warps`) and `diffrax`
-    (`save_chunk`)."""
+    null), the per-patient step limit, and the settings owned by one backend: `kernel`
+    (`block`, `warps`) and `diffrax` (`save_chunk`), used also when `auto` picks that
+    backend. (Each stage picks its differentiation mode: calibration forward, training
+    reverse.)"""
 
     backend: str = _D.backend_name
     method: str = _D.method.name
@@ -125,7 +127,6 @@ class SolverConfig:
     atol: float = _D.controller.atol
     dtmax: float | str | None = _D.controller.dtmax
     max_steps: int = _D.max_steps
-    differentiation: str | None = _D.differentiation
     kernel: Kernel = dataclasses.field(default_factory=Kernel)
     diffrax: Diffrax = dataclasses.field(default_factory=Diffrax)
 
@@ -276,15 +277,15 @@ def solver_options(cfg: ExperimentConfig) -> SolverOptions:
     if s.dt0 is not None and s.method != "rk4":
         raise ValueError(f"dt0 is the step of method rk4; method {s.method} chooses its "
                          "own steps (remove solver.dt0)")
-    backend = {"kernel": s.kernel, "diffrax": s.diffrax}.get(s.backend) or (
-        s.backend if s.backend == "auto" else BACKENDS[s.backend]())
+    backend = {"kernel": s.kernel, "diffrax": s.diffrax,
+               "auto": Auto(kernel=s.kernel, diffrax=s.diffrax)}.get(s.backend) or \
+        BACKENDS[s.backend]()
     return SolverOptions(method=method,
                          controller=StepSizeController(s.rtol, s.atol, s.dtmax),
-                         max_steps=s.max_steps, differentiation=s.differentiation,
-                         backend=backend)
+                         max_steps=s.max_steps, backend=backend)
 
 
-def _validate(cfg: ExperimentConfig) -> None:
+def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     for path, choices in CHOICES.items():
         value = _get(cfg, path)
         if value not in choices:
@@ -302,7 +303,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     if cfg.data.source in ("csv", "hdf5"):
         if not cfg.data.path:
             raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
-        if not Path(cfg.data.path).exists():
+        if check_paths and not Path(cfg.data.path).exists():
             raise ConfigError(f"data.path: file not found: {cfg.data.path}")
     if cfg.model.name not in REGISTRY:
         hint = difflib.get_close_matches(cfg.model.name, REGISTRY, n=1)
@@ -332,6 +333,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         if d.target not in model.dose_target_names:
             raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
                               f"target of {cfg.model.name} ({', '.join(model.dose_target_names)})")
+    if cfg.model.learned and cfg.solver.method == "rk4":
+        raise ConfigError("solver.method: hybrid training needs reverse-mode derivatives with "
+                          "respect to network weights, which the rk4 backends (ensemble, "
+                          "kernel) do not take: use tsit5 or dopri5")
     for i, lt in enumerate(cfg.model.learned):
         where = f"model.learned[{i}]"
         if lt.kind not in LEARNED_KINDS:
@@ -426,8 +431,9 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None) -> ExperimentConfig:
-    """Read a YAML config (or a dict), apply `KEY.SUB=VALUE` overrides, validate."""
+                data: dict | None = None, *, check_paths: bool = True) -> ExperimentConfig:
+    """Read a YAML config (or a dict), apply `KEY.SUB=VALUE` overrides, validate (with
+    `check_paths`, also that `data.path` exists)."""
     if data is None:
         data = {}
         if path is not None:
@@ -445,7 +451,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(data, item)
     cfg = _from_dict(ExperimentConfig, data)
-    _validate(cfg)
+    _validate(cfg, check_paths)
     return cfg
 
 

@@ -313,13 +313,19 @@ class HybridModel(MechanisticModel):
         """Sum of squared weights of the learned terms' layers (the size penalty)."""
         return sum((t.penalty() for t in self.terms), jnp.zeros(()))
 
-    def individual_typical(self, typical, covariates, covariate_names):
+    def individual_typical(self, typical: Any, covariates: jax.Array,
+                           covariate_names: Sequence[str]) -> jax.Array:
+        """Each patient's typical parameters `(N, P)`: `typical` moved by the covariate
+        network (when there is one and the learned part is on)."""
         if self.covariate_net is None or not self.learned:
             return self.mechanistic.individual_typical(typical, covariates, covariate_names)
         z = self.to_unconstrained(jnp.asarray(typical))
         return self.from_unconstrained(z + self.covariate_offsets(covariates, covariate_names))
 
-    def covariate_offsets(self, covariates, covariate_names):
+    def covariate_offsets(self, covariates: jax.Array,
+                          covariate_names: Sequence[str]) -> jax.Array:
+        """The covariate network's offsets `(N, P)` in the fitting space (0 for the
+        parameters it does not move, and everywhere when switched off)."""
         net = self.covariate_net
         offsets = self.mechanistic.covariate_offsets(covariates, covariate_names)
         if net is None or not self.learned:

@@ -36,6 +36,11 @@ def training_options(options: SolverOptions | None) -> SolverOptions:
     options = (options or EXPERIMENT_DEFAULT).resolved()
     backend = options.backend
     if not ("reverse" in backend.differentiation and backend.differentiates_model):
+        if options.method.name not in Diffrax.methods:
+            raise ValueError(
+                f"hybrid training needs reverse-mode derivatives with respect to network "
+                f"weights, which the {backend.name} backend does not take, and the diffrax "
+                f"backend does not run {options.method.name}: use tsit5 or dopri5")
         logger.info("training: the %s backend takes no reverse-mode derivatives with "
                     "respect to network weights; training solves on diffrax with the "
                     "configured method and tolerances", backend.name)
@@ -91,7 +96,7 @@ def fit_population(
     omega: np.ndarray | None = None,
     n_rounds: int = 30,
     tol: float = 1e-4,
-    options=None,
+    options: SolverOptions | None = None,
 ):
     """Population typical values and between-patient spreads by iterative two-stage EM.
 
@@ -164,7 +169,7 @@ def train_population(
     val_condition_until: float | None = None,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
-    options=None,
+    options: SolverOptions | None = None,
     on_epoch_end=None,
 ):
     """Train a hybrid model's shared network weights jointly with the population typical

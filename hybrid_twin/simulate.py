@@ -181,8 +181,6 @@ def _batch(model, params, schedule, save_ts, save_mask, t0, options) -> tuple[Ba
     single = params.ndim == 1
     if single:
         params = params[None]
-        if schedule.is_batched or save_ts.ndim == 2:
-            raise ValueError("one patient's params with a batched schedule or save_ts")
         schedule = jax.tree.map(lambda x: x[None], schedule)
         save_ts, save_mask = save_ts[None], save_mask[None]
     batch = Batch(params, schedule, save_ts, jnp.asarray(save_mask), jnp.asarray(t0, dtype),

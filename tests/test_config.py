@@ -119,9 +119,12 @@ def test_solver_section_builds_the_solver_options():
                                           r"kvaerno5 only, not rk4"):
         load_config("configs/quickstart.yaml", ["solver.backend=diffrax", "solver.method=rk4",
                                                 "solver.dt0=1"])
-    with pytest.raises(ConfigError, match=r"solver: the ensemble backend differentiates in "
-                                          r"forward mode only, not reverse"):
-        load_config("configs/quickstart.yaml", ["solver.differentiation=reverse"])
+    with pytest.raises(ConfigError, match=r"solver.method: hybrid training needs reverse-mode"):
+        load_config("configs/glucose_hybrid.yaml", ["solver.method=rk4", "solver.dt0=1"])
+    # auto keeps the settings of the backend it picks
+    auto = solver_options(load_config("configs/quickstart.yaml", [
+        "solver.backend=auto", "solver.diffrax.save_chunk=8"])).resolved()
+    assert auto.backend.name == "diffrax" and auto.backend.save_chunk == 8
     with pytest.raises(ConfigError, match=r"solver.backend: 'cuda' is not one of"):
         load_config("configs/quickstart.yaml", ["solver.backend=cuda"])
     with pytest.raises(ConfigError, match=r"'calibration.rtol' has moved to 'solver.rtol'"):

@@ -131,7 +131,7 @@ def test_covariate_network_learns_a_weight_effect():
     trained, _, history = train_population(
         model, vc.cohort, free=("ka", "CL", "V"),
         error_model=ErrorModel("proportional", proportional=0.05, estimate=False),
-        epochs=40, batch_size=10, learning_rate=0.02, penalty_weight=0.0)
+        epochs=20, batch_size=10, learning_rate=0.05, penalty_weight=0.0)
     wt = np.asarray(vc.cohort.covariates)[:, 0]
     names = vc.cohort.covariate_names
     off = np.asarray(trained.covariate_offsets(vc.cohort.covariates, names))

@@ -14,7 +14,7 @@ SMALL = {
                                 "evaluation.condition_until=400", "population.max_rounds=2",
                                 "calibration.max_iter=10"],
     "configs/theophylline.yaml": ["population.max_rounds=3"],
-    "configs/theophylline_covariates.yaml": ["population.max_rounds=3", "training.epochs=3"],
+    "configs/theophylline_covariates.yaml": ["population.max_rounds=1", "training.epochs=2"],
     "configs/glucose_hybrid.yaml": ["data.virtual.n=16", "data.virtual.horizon=720",
                                     "evaluation.condition_until=400",
                                     "population.max_rounds=2", "calibration.max_iter=10",

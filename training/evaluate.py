@@ -21,7 +21,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     for name in ("predictions.csv", "config.yaml"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run directory?")
-    cond = load_config(run_dir / "config.yaml").evaluation.condition_until
+    # the run's data need not be reachable from here: only the forecast rule is read
+    cond = load_config(run_dir / "config.yaml", check_paths=False).evaluation.condition_until
     errs: dict[str, dict[str, list[float]]] = {}
     with open(run_dir / "predictions.csv", newline="") as fh:
         for line, row in enumerate(csv.DictReader(fh), start=2):

@@ -144,9 +144,9 @@ class DoseSpec:
     """A dose of every patient: time (jittered uniformly by +-time_jitter), amount
     (log-normal with CV amount_cv), target name, infusion rate (0 = bolus)."""
 
-    time: float
-    amount: float
-    target: str
+    time: float = 0.0
+    amount: float = 0.0
+    target: str = ""
     rate: float = 0.0
     time_jitter: float = 0.0
     amount_cv: float = 0.0

@@ -29,6 +29,7 @@ from .ensemble import Ensemble
 from .kernel import Kernel, kernel_support
 from .options import (
     BACKEND_NAMES,
+    Auto,
     BACKENDS,
     DEFAULT,
     EXPERIMENT_DEFAULT,
@@ -37,7 +38,7 @@ from .options import (
 
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "DEFAULT", "EXPERIMENT_DEFAULT", "METHODS", "RK4",
-    "AxisDirections", "Backend", "Batch", "Diffrax", "Dopri5", "Ensemble", "FitData",
+    "Auto", "AxisDirections", "Backend", "Batch", "Diffrax", "Dopri5", "Ensemble", "FitData",
     "Kernel", "Kvaerno5", "Method", "NormalEquations", "Solution", "SolverOptions",
     "Status", "StepSizeController", "Tsit5", "kernel_support",
 ]

@@ -66,10 +66,9 @@ class Method(eqx.Module):
     """A Runge–Kutta method. `name` is its config name."""
 
     name: ClassVar[str] = ""
-    adaptive: ClassVar[bool] = True
-    implicit: ClassVar[bool] = False
 
     def tableau(self) -> Tableau:
+        """The explicit Runge–Kutta tableau (what the batch integrator runs)."""
         raise NotImplementedError(f"{type(self).__name__} has no explicit tableau")
 
 
@@ -115,7 +114,6 @@ class Kvaerno5(Method):
     """Kværnø's implicit 5(4) ESDIRK method: stiff problems (diffrax backend)."""
 
     name: ClassVar[str] = "kvaerno5"
-    implicit: ClassVar[bool] = True
 
 
 class RK4(Method):
@@ -124,7 +122,6 @@ class RK4(Method):
     land on the next."""
 
     name: ClassVar[str] = "rk4"
-    adaptive: ClassVar[bool] = False
     dt0: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self) -> None:
@@ -204,10 +201,12 @@ class Batch(eqx.Module):
 
     @property
     def n(self) -> int:
+        """Number of patients N."""
         return self.theta.shape[0]
 
     @property
-    def dtype(self):
+    def dtype(self) -> jnp.dtype:
+        """The float dtype every array of the solve is built in (that of `theta`)."""
         return self.theta.dtype
 
     def batched_schedule(self) -> Schedule:

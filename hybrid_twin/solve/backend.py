@@ -8,7 +8,7 @@ supports and whether derivatives may be taken with respect to the model's own ar
 a `Status` per patient. `normal_equations` — each patient's Gauss–Newton matrices at its
 observations, what Levenberg–Marquardt calibration needs — has a generic implementation
 here (forward-mode derivatives of `solve`); a backend that can do better (the kernel
-accumulates them while it integrates) overrides it and says so in `fused_normal_equations`.
+accumulates them while it integrates) overrides it.
 
 To add a backend: one module with a subclass of `Backend`, registered by name in
 `hybrid_twin/solve/options.py`'s `BACKENDS`.
@@ -71,7 +71,6 @@ class Backend(eqx.Module):
     differentiation: ClassVar[tuple[str, ...]] = ()  # "forward", "reverse"
     default_differentiation: ClassVar[str] = "forward"
     differentiates_model: ClassVar[bool] = True  # d/d network weights, schedules, times
-    fused_normal_equations: ClassVar[bool] = False
 
     def check(self, options) -> None:
         """Raise ValueError if this backend cannot honour `options` (a `SolverOptions`)."""
@@ -93,7 +92,8 @@ class Backend(eqx.Module):
                          options) -> NormalEquations:
         """Cost, JᵀJ and Jᵀr per patient along `directions` ((K, N, P) parameter tangents or
         `AxisDirections`; None: the cost only), here by forward-mode derivatives of
-        `solve` (one `jax.jvp` per direction, the primal solve shared)."""
+        `solve`: one solve for the residuals and one `jax.jvp` per direction, the
+        directions batched by `vmap`."""
         weight = jnp.where(batch.batched_save_times()[1], data.weight, 0.0)
         y = jnp.where(weight > 0, data.y, 0.0)
 

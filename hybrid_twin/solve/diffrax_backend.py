@@ -59,6 +59,7 @@ class Diffrax(Backend):
             raise ValueError(f"Diffrax.save_chunk must be >= 1, got {self.save_chunk}")
 
     def solve(self, model: MechanisticModel, batch: Batch, options) -> Solution:
+        """Each patient by its own piecewise `diffeqsolve`, `vmap`ped over the batch."""
         prep = prepare(model, batch, obs_cap=options.controller.dtmax == "obs")
         save_mask = batch.batched_save_times()[1]
         dtype = batch.dtype

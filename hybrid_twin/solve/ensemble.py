@@ -33,6 +33,7 @@ class Ensemble(Backend):
     default_differentiation: ClassVar[str] = "forward"
 
     def solve(self, model: MechanisticModel, batch: Batch, options) -> Solution:
+        """The batch integrator over the whole batch, its output written slot by slot."""
         prep = prepare(model, batch, obs_cap=options.controller.dtmax == "obs")
         n, m, s = batch.n, prep.ts.shape[1], model.n_states
         n_in = len(model.input_names) if prep.u_a is not None else 0

@@ -229,7 +229,6 @@ class Kernel(Backend):
     differentiation: ClassVar[tuple[str, ...]] = ("forward", "reverse")
     default_differentiation: ClassVar[str] = "forward"
     differentiates_model: ClassVar[bool] = False
-    fused_normal_equations: ClassVar[bool] = True
     block: int | None = eqx.field(static=True, default=None)
     warps: int | None = eqx.field(static=True, default=None)
 

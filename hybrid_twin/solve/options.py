@@ -19,14 +19,27 @@ from .kernel import Kernel, kernel_support
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Diffrax, Ensemble, Kernel)}
 BACKEND_NAMES = (*BACKENDS, "auto")
+
+
+class Auto(eqx.Module):
+    """Backend "auto": the kernel on a GPU when the model lowers to it, else diffrax (the
+    ensemble for RK4), chosen by `SolverOptions.resolved`; it holds the settings of the
+    backends it may pick."""
+
+    kernel: Kernel = eqx.field(static=True, default=Kernel())
+    diffrax: Diffrax = eqx.field(static=True, default=Diffrax())
+    ensemble: Ensemble = eqx.field(static=True, default=Ensemble())
+    name = "auto"
 DIFFERENTIATION = ("forward", "reverse")
 logger = logging.getLogger("hybrid_twin")
 
 
-def as_backend(backend: Backend | str) -> Backend | str:
-    """A `Backend` from itself or its name; "auto" stays "auto" until `resolved`."""
-    if isinstance(backend, Backend) or backend == "auto":
+def as_backend(backend: Backend | Auto | str) -> Backend | Auto:
+    """A `Backend` (or `Auto`) from itself or its name."""
+    if isinstance(backend, (Backend, Auto)):
         return backend
+    if backend == "auto":
+        return Auto()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     return BACKENDS[backend]()
@@ -45,15 +58,15 @@ class SolverOptions(eqx.Module):
             cheaper for Gauss–Newton Jacobians with few parameters) or None (the
             backend's default). A mode the backend cannot honour is an error.
         backend: `Diffrax(save_chunk)` (default), `Ensemble()`, `Kernel(block, warps)`,
-            a backend's name, or "auto" (the kernel on a GPU when the model lowers to it,
-            otherwise diffrax; see `resolved`).
+            `Auto(...)` (the kernel on a GPU when the model lowers to it, otherwise diffrax;
+            see `resolved`), or a backend's name.
     """
 
     method: Method = eqx.field(static=True, default=Tsit5(), converter=as_method)
     controller: StepSizeController = eqx.field(static=True, default=StepSizeController())
     max_steps: int = eqx.field(static=True, default=4096)
     differentiation: str | None = eqx.field(static=True, default=None)
-    backend: Backend | str = eqx.field(static=True, default=Diffrax(), converter=as_backend)
+    backend: Backend | Auto = eqx.field(static=True, default=Diffrax(), converter=as_backend)
 
     def __check_init__(self) -> None:
         if self.max_steps < 1:
@@ -66,36 +79,38 @@ class SolverOptions(eqx.Module):
 
     @property
     def backend_name(self) -> str:
-        return self.backend if isinstance(self.backend, str) else self.backend.name
+        """The backend's name ("diffrax", "ensemble", "kernel" or "auto")."""
+        return self.backend.name
 
     def resolved(self, model: MechanisticModel | None = None) -> SolverOptions:
         """The options with backend "auto" resolved for the default JAX device (and, on a
         GPU, for `model`: the kernel only if the model lowers to it); the choice is
         logged."""
-        if self.backend != "auto":
+        auto = self.backend
+        if not isinstance(auto, Auto):
             return self
         method = self.method.name
         if method not in Kernel.methods:
             logger.info("backend auto: diffrax (the kernel runs explicit methods only)")
-            return dataclasses.replace(self, backend=Diffrax())
+            return dataclasses.replace(self, backend=auto.diffrax)
         if jax.default_backend() != "gpu":
             if method not in Diffrax.methods:
                 logger.info("backend auto: ensemble (%s runs on the ensemble and kernel "
                             "backends)", method)
-                return dataclasses.replace(self, backend=Ensemble())
+                return dataclasses.replace(self, backend=auto.ensemble)
             logger.info("backend auto: diffrax (no GPU; the kernel would run interpreted)")
-            return dataclasses.replace(self, backend=Diffrax())
+            return dataclasses.replace(self, backend=auto.diffrax)
         if model is not None:
             reason = kernel_support(model)
             if reason is not None:
                 if method not in Diffrax.methods:
                     logger.warning("backend auto: ensemble, %s does not lower to the "
                                    "kernel: %s", type(model).__name__, reason)
-                    return dataclasses.replace(self, backend=Ensemble())
+                    return dataclasses.replace(self, backend=auto.ensemble)
                 logger.warning("backend auto: diffrax, %s does not lower to the kernel: %s",
                                type(model).__name__, reason)
-                return dataclasses.replace(self, backend=Diffrax())
-        return dataclasses.replace(self, backend=Kernel())
+                return dataclasses.replace(self, backend=auto.diffrax)
+        return dataclasses.replace(self, backend=auto.kernel)
 
     def for_gradients(self) -> SolverOptions:
         """The options a gradient-based fit needs: on the diffrax backend the step is
