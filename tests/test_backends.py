@@ -24,7 +24,19 @@ def test_every_registered_backend_is_covered():
         assert isinstance(b, Backend) and b.methods and b.differentiation
 
 
+_REFERENCES: dict = {}
+
+
 def scipy_reference(model, theta, doses, ts, inputs=(), interpolation="constant"):
+    """`_scipy_reference`, computed once per case (every backend is compared with it)."""
+    key = (type(model).__name__, tuple(np.asarray(theta).tolist()), repr(doses),
+           tuple(np.asarray(ts).tolist()), repr(inputs), interpolation)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _scipy_reference(model, theta, doses, ts, inputs, interpolation)
+    return _REFERENCES[key]
+
+
+def _scipy_reference(model, theta, doses, ts, inputs=(), interpolation="constant"):
     """One patient by scipy's DOP853, piecewise between events, written independently of
     hybrid_twin's event handling: boluses as jumps after any sample at the same time,
     infusions as constant rates over [start, start + amount / rate), inputs constant or

@@ -1,7 +1,5 @@
 """Experiment configs: clear errors that name the key; overrides of nested keys."""
 
-import dataclasses
-
 import pytest
 
 from hybrid_twin.config import ConfigError, load_config
@@ -129,56 +127,3 @@ def test_solver_section_builds_the_solver_options():
         load_config("configs/quickstart.yaml", ["solver.backend=cuda"])
     with pytest.raises(ConfigError, match=r"'calibration.rtol' has moved to 'solver.rtol'"):
         load_config("configs/quickstart.yaml", ["calibration.rtol=1e-6"])
-
-
-def test_the_configured_solver_reaches_every_stage(tmp_path, monkeypatch):
-    """A run whose solver section names a backend that records what it is asked: every
-    solve the run asks for (virtual cohort, population fit, hybrid training with its
-    calibrations and validation, calibration, prediction, the VPC) reaches it, with the
-    configured tolerances and step limit."""
-    import importlib
-    import inspect
-    from typing import ClassVar
-
-    import training.run as runner
-    from hybrid_twin.config import solver_options
-    from hybrid_twin.solve import Diffrax
-
-    sim = importlib.import_module("hybrid_twin.simulate")  # the module, not the function
-    stages = ("virtual_cohort", "fit_population", "train_population", "_weighted_rmse",
-              "calibrate", "predict_with_intervals", "write_vpc")
-    asked: list = []
-
-    class Recording(Diffrax):
-        name: ClassVar[str] = "recording"
-
-        def solve(self, model, batch, options):
-            asked.append(("solved", options))
-            return super().solve(model, batch, options)
-
-    def recorded(compiled):
-        def entry(model, batch, *args):
-            options = args[-1]
-            names = {f.function for f in inspect.stack()}
-            asked.append((frozenset(names & set(stages)), options))
-            return compiled(model, batch, *args)
-        return entry
-
-    monkeypatch.setattr(sim, "_solve_compiled", recorded(sim._solve_compiled))
-    monkeypatch.setattr(sim, "_normal_compiled", recorded(sim._normal_compiled))
-    monkeypatch.setattr(runner, "solver_options", lambda cfg: dataclasses.replace(
-        solver_options(cfg), backend=Recording()))
-    cfg = load_config("configs/glucose_hybrid.yaml", [
-        "data.virtual.n=8", "data.virtual.horizon=360", "data.virtual.obs_every=15",
-        "evaluation.condition_until=180", "population.max_rounds=1",
-        "calibration.max_iter=2", "training.epochs=1", "training.batch_size=4",
-        "solver.backend=diffrax", "solver.rtol=1e-7", "solver.max_steps=3000"])
-    runner.run_experiment(cfg, tmp_path / "run")
-    entries = [(who, o) for who, o in asked if who != "solved"]
-    assert any(who == "solved" for who, _ in asked)
-    for who, options in entries:
-        assert isinstance(options.backend, Recording), sorted(who)
-        assert (options.controller.rtol, options.max_steps) == (1e-7, 3000), sorted(who)
-    reached = set().union(*(who for who, _ in entries))
-    assert reached == set(stages)
-    assert any({"train_population", "calibrate"} <= who for who, _ in entries)

@@ -1,6 +1,7 @@
 """`hybrid-twin run`: every shipped config runs end to end and writes the run contract."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -22,11 +23,69 @@ SMALL = {
 }
 
 
+STAGES = ("virtual_cohort", "fit_population", "train_population", "_weighted_rmse",
+          "calibrate", "predict_with_intervals", "write_vpc", "batch_loss")
+
+
+def record_solves(monkeypatch) -> list:
+    """Make the run's configured backend one that records what it is asked: each entry
+    of the returned list is (stages on the call stack, options) of a solve that reached
+    `simulate`'s dispatch; ("solved", options) when the backend itself ran."""
+    import importlib
+    import inspect
+    from typing import ClassVar
+
+    import training.run as runner
+    from hybrid_twin.config import solver_options
+    from hybrid_twin.solve import Ensemble
+
+    sim = importlib.import_module("hybrid_twin.simulate")  # the module, not the function
+    asked: list = []
+
+    class Recording(Ensemble):
+        name: ClassVar[str] = "recording"
+
+        def solve(self, model, batch, options):
+            asked.append(("solved", options))
+            return super().solve(model, batch, options)
+
+    def recorded(compiled):
+        def entry(model, batch, *args):
+            names = {f.function for f in inspect.stack()}
+            asked.append((frozenset(names & set(STAGES)), args[-1]))
+            return compiled(model, batch, *args)
+        return entry
+
+    monkeypatch.setattr(sim, "_solve_compiled", recorded(sim._solve_compiled))
+    monkeypatch.setattr(sim, "_normal_compiled", recorded(sim._normal_compiled))
+    monkeypatch.setattr(runner, "solver_options", lambda cfg: dataclasses.replace(
+        solver_options(cfg), backend=Recording()))
+    return asked
+
+
 @pytest.mark.parametrize("config", sorted(SMALL))
-def test_shipped_config_runs_end_to_end(config, tmp_path, capsys):
+def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert main(["run", config, "--out", str(out), *sum((["--set", s] for s in SMALL[config]),
-                                                         [])]) == 0
+    hybrid = "hybrid" in config
+    # the hybrid run also shows that the configured solver reaches every stage: its
+    # backend records each solve it is asked for (and by which stage)
+    asked = record_solves(monkeypatch) if hybrid else None
+    extra = ["solver.rtol=1e-7", "solver.max_steps=3000"] if hybrid else []
+    assert main(["run", config, "--out", str(out),
+                 *sum((["--set", s] for s in SMALL[config] + extra), [])]) == 0
+    if hybrid:
+        entries = [(who, o) for who, o in asked if who != "solved"]
+        assert any(who == "solved" for who, _ in asked)
+        for who, options in entries:
+            # the training loss needs reverse mode w.r.t. network weights, which the
+            # (ensemble) backend does not take: diffrax with the configured tolerances
+            name = "diffrax" if "batch_loss" in who else "recording"
+            assert options.backend.name == name, sorted(who)
+            assert (options.controller.rtol, options.max_steps) == (1e-7, 3000), sorted(who)
+        assert set().union(*(who for who, _ in entries)) == set(STAGES)
+        # training's own calibrations and validation, too
+        assert any({"train_population", "calibrate"} <= who for who, _ in entries)
+        assert any({"train_population", "_weighted_rmse"} <= who for who, _ in entries)
     text = capsys.readouterr().out
     assert "RMSE" in text and str(out.resolve()) in text
     for name in ("config.yaml", "metrics.json", "predictions.csv", "params.csv", "log.jsonl",
