@@ -206,14 +206,18 @@ class CovariateNetwork(LearnedTerm):
                            f"has {list(covariate_names) or 'none'}")
         return [list(covariate_names).index(c) for c in self.covariates]
 
+    def offsets(self, model: MechanisticModel, covariates: jax.Array) -> jax.Array:
+        """(N, C) covariates -> (N, P) offsets of all of `model`'s parameters in the
+        unconstrained space (0 for those this network does not move)."""
+        h = self(covariates)
+        idx = jnp.asarray([model.index("param", q) for q in self.params])
+        return jnp.zeros((h.shape[0], model.n_params), h.dtype).at[:, idx].add(h)
+
     def apply(self, model: MechanisticModel, typical: jax.Array, covariates: jax.Array,
               eta: jax.Array | None = None) -> jax.Array:
         """Individual parameters (N, P) from typical values, covariates and random effects
         `eta` (N, P, unconstrained space; default 0)."""
-        n = covariates.shape[0]
-        z = jnp.broadcast_to(model.to_unconstrained(jnp.asarray(typical)), (n, model.n_params))
-        idx = jnp.asarray([model.index("param", q) for q in self.params])
-        z = z.at[:, idx].add(self(covariates))
+        z = model.to_unconstrained(jnp.asarray(typical)) + self.offsets(model, covariates)
         if eta is not None:
             z = z + eta
         return model.from_unconstrained(z)
@@ -317,22 +321,21 @@ class HybridModel(MechanisticModel):
                            covariate_names: Sequence[str]) -> jax.Array:
         """Each patient's typical parameters `(N, P)`: `typical` moved by the covariate
         network (when there is one and the learned part is on)."""
-        if self.covariate_net is None or not self.learned:
+        net = self.covariate_net
+        if net is None or not self.learned:
             return self.mechanistic.individual_typical(typical, covariates, covariate_names)
-        z = self.to_unconstrained(jnp.asarray(typical))
-        return self.from_unconstrained(z + self.covariate_offsets(covariates, covariate_names))
+        x = jnp.asarray(covariates)[:, jnp.asarray(net.columns(covariate_names), int)]
+        return net.apply(self.mechanistic, typical, x)
 
     def covariate_offsets(self, covariates: jax.Array,
                           covariate_names: Sequence[str]) -> jax.Array:
         """The covariate network's offsets `(N, P)` in the fitting space (0 for the
         parameters it does not move, and everywhere when switched off)."""
         net = self.covariate_net
-        offsets = self.mechanistic.covariate_offsets(covariates, covariate_names)
         if net is None or not self.learned:
-            return offsets
+            return self.mechanistic.covariate_offsets(covariates, covariate_names)
         x = jnp.asarray(covariates)[:, jnp.asarray(net.columns(covariate_names), int)]
-        idx = jnp.asarray([self.mechanistic.index("param", q) for q in net.params])
-        return offsets.astype(x.dtype).at[:, idx].add(net(x))
+        return net.offsets(self.mechanistic, x)
 
 
 def _scales(model: MechanisticModel, names: Sequence[str],
