@@ -139,6 +139,13 @@ class _Problem(eqx.Module):
         return sol.observed(self.model, theta, obs_index), sol.status
 
 
+def _fit_dtype(cohort: Cohort):
+    """The float dtype of a cohort's observations (the default float if they are not
+    floating point)."""
+    dtype = jnp.asarray(cohort.obs_values).dtype
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+
+
 def _forward(options: SolverOptions | None, model: MechanisticModel) -> SolverOptions:
     """`options` (default `EXPERIMENT_DEFAULT`) resolved, in forward mode: the Jacobians
     here have few columns."""
@@ -246,30 +253,35 @@ def calibrate(
                          "with omega > 0)")
     free_idx = tuple(model.index("param", name) for name in free)
     n = cohort.n_patients
+    # the fit runs in the cohort's dtype (a float32 cohort is fitted in float32, not in
+    # whatever jax_enable_x64 makes of the Python floats here)
+    dtype = _fit_dtype(cohort)
     # each patient's typical values: the population's, moved by its covariates when the
     # model has a covariate network
-    typical_i = model.individual_typical(typical, cohort.covariates, cohort.covariate_names)
-    theta_fixed = typical_i if fixed_params is None else np.asarray(fixed_params)
+    typical_i = jnp.asarray(model.individual_typical(
+        typical, cohort.covariates, cohort.covariate_names), dtype)
+    theta_fixed = typical_i if fixed_params is None else jnp.asarray(fixed_params, dtype)
     if theta_fixed.shape != (n, model.n_params):
         raise ValueError(f"fixed_params must be ({n}, {model.n_params}), got {theta_fixed.shape}")
 
     w_mask = cohort.fit_mask(condition_until)
     y = jnp.where(w_mask, cohort.obs_values, 0.0)
-    data = (jnp.asarray(theta_fixed), cohort.schedule, cohort.obs_times, cohort.obs_mask,
-            cohort.obs_index, y, w_mask)
+    data = (theta_fixed, cohort.schedule, cohort.obs_times, cohort.obs_mask,
+            cohort.obs_index, y.astype(dtype), w_mask)
     z_pop, inv_omega = _prior(model, free_idx, typical_i, omega)
+    inv_omega = inv_omega.astype(dtype)
     problem = _Problem(model, free_idx, options)
     rng = np.random.default_rng(seed)
 
     def run(z0, em):
-        z, lam = z0, jnp.full((n,), 1e-3)
+        z, lam = z0, jnp.full((n,), 1e-3, dtype)
         sd_frozen = None
         conv = jnp.zeros((n,), bool)
         failed = jnp.zeros((n,), bool)
         t0 = time.perf_counter()
         for it in range(max_iter):
             if em.kind == "additive":
-                sd_frozen = jnp.full(y.shape, em.additive, y.dtype)
+                sd_frozen = jnp.full(y.shape, em.additive, dtype)
             else:
                 f, _ = problem.predict(z, *data[:5])
                 sd_frozen = em.sd(f)
@@ -290,7 +302,8 @@ def calibrate(
             z0 = z_pop
         else:
             om = np.where(np.asarray(inv_omega) > 0, 1.0 / np.maximum(np.asarray(inv_omega), 1e-300), 0.5)
-            z0 = jnp.asarray(np.asarray(z_pop) + om * rng.standard_normal((n, len(free_idx))))
+            z0 = jnp.asarray(np.asarray(z_pop) + om * rng.standard_normal((n, len(free_idx))),
+                             dtype)
         rounds = error_rounds if error_model.estimate else 1
         for rnd in range(rounds):
             z, cost, conv, h, n_it, sd_frozen = run(z0, em)
@@ -308,9 +321,9 @@ def calibrate(
                     jnp.where(take, conv, best[2]), jnp.where(take[:, None, None], h, best[3]),
                     max(n_it, best[4]))
     z, cost, conv, h, n_it = best
-    cov = jnp.linalg.inv(h + 1e-12 * jnp.eye(h.shape[-1]))
+    cov = jnp.linalg.inv(h + 1e-12 * jnp.eye(h.shape[-1], dtype=dtype))
     sd_z = jnp.sqrt(jnp.clip(jnp.diagonal(cov, axis1=1, axis2=2), 0.0))
-    corr = cov / (sd_z[:, :, None] * sd_z[:, None, :] + 1e-300)
+    corr = cov / (sd_z[:, :, None] * sd_z[:, None, :] + jnp.finfo(dtype).tiny)
     theta = problem.theta(z, data[0])
     # delta method: d theta / d z for each free parameter
     dtheta = jax.jvp(lambda zz: problem.theta(zz, data[0]), (z,), (sd_z,))[1]

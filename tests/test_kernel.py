@@ -365,3 +365,23 @@ def test_rk4_float32_takes_exactly_the_grid_steps(dt0):
         tol = 8 * np.finfo(np.float32).eps * np.maximum(cuts[1:], 1.0)
         ideal = int(np.sum(np.ceil((np.diff(cuts) - tol) / dt0)))
         assert int(sol.num_steps[i]) == ideal
+
+
+def test_a_float32_cohort_is_calibrated_in_float32_and_agrees_with_float64():
+    """Calibration follows the cohort's dtype: a float32 cohort is fitted with float32
+    kernels (a float64 value anywhere in the loop would promote the estimates), and its
+    estimates agree with the float64 fit to a small fraction of their standard errors."""
+    from benchmarks.calibrate import scenario
+
+    model, vc, free, _ = scenario("glucose5", 8, seed=3)
+    c32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
+                       if np.asarray(x).dtype == np.float64 else x, vc.cohort)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-6, atol=1e-6), backend="kernel")
+    kw = dict(free=free, options=opts, max_iter=12,
+              error_model=ErrorModel("additive", additive=5.0, estimate=False))
+    r32 = calibrate(model, c32, **kw)
+    r64 = calibrate(model, vc.cohort, **kw)
+    for x in (r32.z, r32.params, r32.cost, r32.cov_z):
+        assert x.dtype == jnp.float32
+    se = np.sqrt(np.diagonal(np.asarray(r64.cov_z), axis1=1, axis2=2))
+    assert np.max(np.abs(np.asarray(r32.z, np.float64) - np.asarray(r64.z)) / se) < 0.05
