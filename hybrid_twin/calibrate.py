@@ -102,6 +102,7 @@ class _Problem(eqx.Module):
     model: MechanisticModel
     free_idx: tuple[int, ...] = eqx.field(static=True)
     options: SolverOptions = eqx.field(static=True)
+    has_infusions: bool | None = eqx.field(static=True, default=None)
 
     def normal(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask, sd_frozen,
                z_pop, inv_omega, jac: bool):
@@ -119,7 +120,8 @@ class _Problem(eqx.Module):
                                               (z,), (t,))[1])(eye)
         weight = jnp.where(w_mask, 1.0 / sd_frozen, 0.0)
         res = normal_equations(self.model, theta, dirs, schedule, ts, mask,
-                               FitData(y, weight, obs_index), options=self.options)
+                               FitData(y, weight, obs_index), options=self.options,
+                               has_infusions=self.has_infusions)
         r_prior = (z - z_pop) * inv_omega
         cost = res.cost + 0.5 * jnp.sum(r_prior ** 2, axis=1)
         if not jac:
@@ -135,7 +137,8 @@ class _Problem(eqx.Module):
 
     def predict(self, z, theta_fixed, schedule, ts, mask, obs_index):
         theta = self.theta(z, theta_fixed)
-        sol = simulate(self.model, theta, schedule, ts, mask, options=self.options)
+        sol = simulate(self.model, theta, schedule, ts, mask, options=self.options,
+                       has_infusions=self.has_infusions)
         return sol.observed(self.model, theta, obs_index), sol.status
 
 
@@ -270,7 +273,8 @@ def calibrate(
             cohort.obs_index, y.astype(dtype), w_mask)
     z_pop, inv_omega = _prior(model, free_idx, typical_i, omega)
     inv_omega = inv_omega.astype(dtype)
-    problem = _Problem(model, free_idx, options)
+    # read here, where the schedule is concrete (inside the jitted iteration it is not)
+    problem = _Problem(model, free_idx, options, cohort.schedule.has_infusions())
     rng = np.random.default_rng(seed)
 
     def run(z0, em):
@@ -365,7 +369,7 @@ def predict_with_intervals(
     """
     options = _forward(options, model)
     free_idx = tuple(model.index("param", n) for n in result.free)
-    problem = _Problem(model, free_idx, options)
+    problem = _Problem(model, free_idx, options, schedule.has_infusions())
     theta_fixed = result.params
 
     def pred(zz):

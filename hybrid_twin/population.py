@@ -231,6 +231,7 @@ def train_population(
             if hist_path.exists():
                 history = json.loads(hist_path.read_text())[: int(state.epoch)]
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    has_inf = train.schedule.has_infusions()  # concrete here, traced in the step
     base = model.to_unconstrained(typical)
 
     def batch_loss(trainable, omega, rows, batch):
@@ -240,7 +241,8 @@ def train_population(
         z_b = z_all[rows]
         full = jnp.tile(base, (z_b.shape[0], 1)).at[:, idx].set(z_b)
         theta = model.from_unconstrained(full)
-        f = simulate(m, theta, sched, ts, mask, options=train_options).observed(m, theta, obs_k)
+        f = simulate(m, theta, sched, ts, mask, options=train_options,
+                     has_infusions=has_inf).observed(m, theta, obs_k)
         sd = error_model.sd(jax.lax.stop_gradient(f))
         r = jnp.where(w, (jnp.where(w, y, 0.0) - f) / sd, 0.0)
         data = 0.5 * jnp.sum(r * r)

@@ -68,6 +68,14 @@ class Schedule(eqx.Module):
     def is_batched(self) -> bool:
         return jnp.ndim(self.dose_times) == 2
 
+    def has_infusions(self) -> bool | None:
+        """Whether any real dose is an infusion; None when that cannot be read (the
+        schedule is traced)."""
+        if isinstance(self.dose_rates, jax.core.Tracer) or isinstance(
+                self.dose_mask, jax.core.Tracer):
+            return None
+        return bool(np.any(np.asarray(self.dose_mask) & (np.asarray(self.dose_rates) > 0)))
+
     @property
     def n_dose_slots(self) -> int:
         return int(jnp.shape(self.dose_times)[-1])

@@ -56,6 +56,7 @@ def simulate(
     *,
     t0: float = 0.0,
     options: SolverOptions | None = None,
+    has_infusions: bool | None = None,
 ) -> Solution:
     """Solve one patient or a batch of patients and save at their observation times.
 
@@ -71,6 +72,10 @@ def simulate(
         t0: start time; the state at t0 is `model.initial_state`.
         options: `SolverOptions` (method, step-size controller, step limit,
             differentiation mode, backend).
+        has_infusions: whether any dose is an infusion (default: read from the schedule;
+            a traced schedule is assumed to have some). Callers that trace `simulate`
+            inside their own `jit` pass it, so that no infusion windows are built for
+            schedules without infusions.
 
     Returns:
         `Solution` with states at `save_ts`, per-patient `status` and step counts.
@@ -81,7 +86,7 @@ def simulate(
     sensitivities computed in the kernel); jit-compiled.
     """
     options = (options or DEFAULT).resolved(model)
-    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, options)
+    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions)
     n_dev = jax.local_device_count()
     if n_dev > 1 and not single and not isinstance(batch.theta, jax.core.Tracer):
         return _simulate_sharded(model, batch, options, n_dev)
@@ -100,6 +105,7 @@ def normal_equations(
     *,
     t0: float = 0.0,
     options: SolverOptions | None = None,
+    has_infusions: bool | None = None,
 ) -> NormalEquations:
     """Per patient, the weighted least-squares quantities of a Gauss–Newton step: the cost
     1/2 sum r² of r = (y - f) * weight over the save slots (`data`: `FitData`, (N, M)
@@ -109,7 +115,7 @@ def normal_equations(
     its solve, without storing J; the others by forward-mode derivatives of the solve).
     Arguments otherwise as `simulate`'s, batched."""
     options = (options or DEFAULT).resolved(model)
-    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, options)
+    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions)
     if single:
         raise ValueError("normal_equations: params must be batched, (N, n_params)")
     return _normal_compiled(model, batch, directions, data, options)
@@ -120,7 +126,8 @@ def _normal_compiled(model, batch, directions, data, options) -> NormalEquations
     return options.backend.normal_equations(model, batch, directions, data, options)
 
 
-def _batch(model, params, schedule, save_ts, save_mask, t0, options) -> tuple[Batch, bool]:
+def _batch(model, params, schedule, save_ts, save_mask, t0,
+           has_infusions: bool | None) -> tuple[Batch, bool]:
     """Validate `simulate`'s inputs; the `Batch` (leading axis N) and whether the input
     was one patient."""
     params = jnp.asarray(params)
@@ -171,11 +178,10 @@ def _batch(model, params, schedule, save_ts, save_mask, t0, options) -> tuple[Ba
                 f"save_ts: patient {i}: observation times must be finite, "
                 f"non-decreasing, >= t0={t0}, with padding (mask False) only at the end"
             )
-    if isinstance(schedule.dose_rates, jax.core.Tracer):
-        has_inf = True
-    else:
-        has_inf = bool(np.any(np.asarray(schedule.dose_mask)
-                              & (np.asarray(schedule.dose_rates) > 0)))
+    found = schedule.has_infusions()
+    if found and has_infusions is False:
+        raise ValueError("has_infusions=False, but the schedule has infusions")
+    has_inf = has_infusions if has_infusions is not None else found is not False
     schedule = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, schedule)
     single = params.ndim == 1

@@ -296,3 +296,19 @@ def test_event_order_without_sort_equals_lexsort():
         got = event_order(times, jnp.asarray(ok))
         want = jnp.lexsort((times, ~jnp.asarray(ok)))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_has_infusions_is_read_from_a_concrete_schedule_and_checked():
+    """Inside a caller's jit the schedule is traced and infusion windows are built unless
+    the caller says there are none; a wrong "none" is refused where it can be checked."""
+    model = OneCompartment()
+    theta = np.asarray(sample_params(model, jax.random.PRNGKey(0), 3))
+    bolus = Schedule.build(model, [(0.0, 100.0, "depot")])
+    infusion = Schedule.build(model, [(0.0, 100.0, "central", 50.0)])
+    ts = np.linspace(0.0, 12.0, 7)
+    assert bolus.has_infusions() is False and infusion.has_infusions() is True
+    with pytest.raises(ValueError, match="has_infusions=False, but the schedule has"):
+        simulate(model, theta, infusion, ts, has_infusions=False)
+    fast = jax.jit(lambda th, sc: simulate(model, th, sc, ts, has_infusions=False).ys)
+    np.testing.assert_array_equal(np.asarray(fast(theta, bolus)),
+                                  np.asarray(simulate(model, theta, bolus, ts).ys))
