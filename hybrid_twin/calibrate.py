@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from .data.cohort import Cohort
 from .models.base import MechanisticModel
@@ -105,7 +107,7 @@ class _Problem(eqx.Module):
     has_infusions: bool | None = eqx.field(static=True, default=None)
 
     def normal(self, z, theta_fixed, schedule, ts, mask, obs_index, y, w_mask, sd_frozen,
-               z_pop, inv_omega, jac: bool):
+               z_pop, inv_omega, jac: bool, active=None):
         """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior), the data part
         from the backend's normal equations (`simulate.normal_equations`)."""
         theta = self.theta(z, theta_fixed)
@@ -121,7 +123,7 @@ class _Problem(eqx.Module):
         weight = jnp.where(w_mask, 1.0 / sd_frozen, 0.0)
         res = normal_equations(self.model, theta, dirs, schedule, ts, mask,
                                FitData(y, weight, obs_index), options=self.options,
-                               has_infusions=self.has_infusions)
+                               has_infusions=self.has_infusions, active=active)
         r_prior = (z - z_pop) * inv_omega
         cost = res.cost + 0.5 * jnp.sum(r_prior ** 2, axis=1)
         if not jac:
@@ -135,10 +137,10 @@ class _Problem(eqx.Module):
         full = full.at[:, jnp.asarray(self.free_idx)].set(z)
         return self.model.from_unconstrained(full)
 
-    def predict(self, z, theta_fixed, schedule, ts, mask, obs_index):
+    def predict(self, z, theta_fixed, schedule, ts, mask, obs_index, active=None):
         theta = self.theta(z, theta_fixed)
         sol = simulate(self.model, theta, schedule, ts, mask, options=self.options,
-                       has_infusions=self.has_infusions)
+                       has_infusions=self.has_infusions, active=active)
         return sol.observed(self.model, theta, obs_index), sol.status
 
 
@@ -175,26 +177,111 @@ def _jacobian(fn: Callable, z: jax.Array):
     return r, jnp.moveaxis(cols, 0, -1)
 
 
+class _LM(NamedTuple):
+    """Levenberg–Marquardt state carried through the on-device loop, per patient (N rows)
+    but `it`."""
+
+    it: jax.Array  # () iterations done
+    z: jax.Array  # (N, F)
+    lam: jax.Array  # (N,) damping
+    cost: jax.Array  # (N,)
+    conv: jax.Array  # (N,) bool
+    failed: jax.Array  # (N,) bool: model or sensitivities non-finite
+    h: jax.Array  # (N, F, F) Gauss–Newton matrix at z (with the prior)
+
+
+def _error_sd(kind: str, scale: jax.Array, f: jax.Array) -> jax.Array:
+    """`ErrorModel.sd` with (additive, proportional) as a traced array, so that a new
+    error scale does not recompile the loop."""
+    a = scale[0] if kind in ("additive", "combined") else 0.0
+    b = scale[1] if kind in ("proportional", "combined") else 0.0
+    return jnp.sqrt(a * a + (b * f) ** 2 + jnp.finfo(f.dtype).tiny)
+
+
+def _lm_run(problem, carry: _LM, data, z_pop, em_kind: str, em_scale, inv_omega, stop_at,
+            tol) -> _LM:
+    """Levenberg–Marquardt iterations for a batch of patients as one `lax.while_loop`,
+    from `carry` until iteration `stop_at` or until every patient is done: convergence,
+    damping and freezing inside, no host transfer. Each iteration solves the active
+    patients only (converged and failed ones are skipped by the ensemble and kernel
+    backends)."""
+    y = data[5]
+    dtype = carry.z.dtype
+
+    def sd_at(z, active):
+        if em_kind == "additive":
+            return jnp.full(y.shape, em_scale[0], dtype)
+        f, _ = problem.predict(z, *data[:5], active=active)
+        return _error_sd(em_kind, em_scale, f)
+
+    def body(c: _LM) -> _LM:
+        active = ~(c.conv | c.failed)
+        sd = sd_at(c.z, active)
+        cost, h, g, _ = problem.normal(c.z, *data, sd, z_pop, inv_omega, jac=True,
+                                       active=active)
+        finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
+                  & jnp.isfinite(cost))
+        h = jnp.where(finite[:, None, None], h, 0.0)
+        g = jnp.where(finite[:, None], g, 0.0)
+        diag = jnp.diagonal(h, axis1=1, axis2=2)
+        damp = c.lam[:, None] * jnp.maximum(diag, 1e-12)
+        step = -jnp.linalg.solve(h + jax.vmap(jnp.diag)(damp), g[..., None])[..., 0]
+        step = jnp.where(active[:, None], step, 0.0)
+        z_try = c.z + step
+        cost_try, _, _, status = problem.normal(z_try, *data, sd, z_pop, inv_omega,
+                                                jac=False, active=active)
+        ok = jnp.isfinite(cost_try) & (status == 0) & jnp.all(jnp.isfinite(z_try), axis=1)
+        accept = ok & (cost_try < cost) & active
+        lam = jnp.where(active, jnp.clip(jnp.where(accept, c.lam / 3.0, c.lam * 4.0),
+                                         1e-9, 1e9), c.lam)
+        rel = jnp.where(accept, (cost - cost_try) / jnp.maximum(cost, 1e-30), 0.0)
+        small = (jnp.max(jnp.abs(step), axis=1) < 1e-8) & finite
+        failed = c.failed | (active & ~finite)
+        conv = (c.conv | (active & (((rel > 0) & (rel < tol)) | small))) & ~failed
+        return _LM(it=c.it + 1, z=jnp.where(accept[:, None], z_try, c.z), lam=lam,
+                   cost=jnp.where(active, jnp.where(accept, cost_try, cost), c.cost),
+                   conv=conv, failed=failed, h=jnp.where(active[:, None, None], h, c.h))
+
+    def cond(c: _LM):
+        return (c.it < stop_at) & ~jnp.all(c.conv | c.failed)
+
+    return jax.lax.while_loop(cond, body, carry)
+
+
 @eqx.filter_jit
-def _lm_iteration(problem, z, lam, data, sd_frozen, z_pop, inv_omega, frozen):
-    cost, h, g, _ = problem.normal(z, *data, sd_frozen, z_pop, inv_omega, jac=True)
-    finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
-              & jnp.isfinite(cost))
-    h = jnp.where(finite[:, None, None], h, 0.0)
-    g = jnp.where(finite[:, None], g, 0.0)
-    diag = jnp.diagonal(h, axis1=1, axis2=2)
-    damp = lam[:, None] * jnp.maximum(diag, 1e-12)
-    step = -jnp.linalg.solve(h + jax.vmap(jnp.diag)(damp), g[..., None])[..., 0]
-    z_try = z + step
-    cost_try, _, _, status = problem.normal(z_try, *data, sd_frozen, z_pop, inv_omega,
-                                            jac=False)
-    ok = jnp.isfinite(cost_try) & (status == 0) & jnp.all(jnp.isfinite(z_try), axis=1)
-    accept = ok & (cost_try < cost) & ~frozen
-    z_new = jnp.where(accept[:, None], z_try, z)
-    lam_new = jnp.clip(jnp.where(accept, lam / 3.0, lam * 4.0), 1e-9, 1e9)
-    rel = jnp.where(accept, (cost - cost_try) / jnp.maximum(cost, 1e-30), 0.0)
-    small_step = (jnp.max(jnp.abs(step), axis=1) < 1e-8) & finite
-    return z_new, lam_new, jnp.where(accept, cost_try, cost), rel, small_step, h, finite
+def _lm_loop(problem, carry, data, z_pop, em_kind, em_scale, inv_omega, stop_at, tol) -> _LM:
+    return _lm_run(problem, carry, data, z_pop, em_kind, em_scale, inv_omega, stop_at, tol)
+
+
+@eqx.filter_jit
+def _lm_loop_sharded(arrays, static, rows, em_kind, rep, mesh) -> _LM:
+    """`_lm_run` with the patient axis split over `mesh` (`jax.shard_map`): each device
+    runs its own loop on its own patients (a patient's fit never depends on the others),
+    until all of its patients are done; `it` is per device, (n_devices,)."""
+    spec_rows, spec_rep = PartitionSpec("patients"), PartitionSpec()
+
+    def local(arr, rows, rep):
+        carry, data, z_pop = rows
+        em_scale, inv_omega, stop_at, tol = rep
+        out = _lm_run(eqx.combine(arr, static), carry._replace(it=carry.it[0]), data, z_pop,
+                      em_kind, em_scale, inv_omega, stop_at, tol)
+        return out._replace(it=out.it[None])
+
+    fn = jax.shard_map(local, mesh=mesh,
+                       in_specs=(jax.tree.map(lambda _: spec_rep, arrays),
+                                 jax.tree.map(lambda _: spec_rows, rows),
+                                 jax.tree.map(lambda _: spec_rep, rep)),
+                       out_specs=spec_rows, check_vma=False)
+    return fn(arrays, rows, rep)
+
+
+def _padded_rows(n: int, n_dev: int) -> int:
+    """The batch size a fit of n patients runs at: n rounded up to a coarse bucket (at
+    most 1/8 more, so cohorts of similar size share one compiled loop and kernel) and to a
+    multiple of the local devices."""
+    step = 1 << max(0, n.bit_length() - 4)
+    size = -(-n // step) * step
+    return -(-size // n_dev) * n_dev
 
 
 def _prior(model, free_idx, typical, omega):
@@ -223,6 +310,7 @@ def calibrate(
     error_rounds: int = 2,
     options: SolverOptions | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    progress_every: int = 5,
 ) -> CalibrationResult:
     """Fit each patient's free parameters (MAP with the population prior), batched.
 
@@ -240,7 +328,9 @@ def calibrate(
             final cost wins.
         error_rounds: rounds of (fit, re-estimate the error scale) when estimating it.
         options: `SolverOptions` (default: ensemble backend, rtol 1e-8, atol 1e-10).
-        progress: called as progress(iteration, n_converged, seconds) each iteration.
+        progress: called as progress(iteration, n_converged, seconds) every
+            `progress_every` iterations and at the end: the on-device loop then runs in
+            chunks of `progress_every` iterations (without it, in one).
 
     Returns:
         `CalibrationResult`.
@@ -256,9 +346,9 @@ def calibrate(
                          "with omega > 0)")
     free_idx = tuple(model.index("param", name) for name in free)
     n = cohort.n_patients
-    # the fit runs in the cohort's dtype (a float32 cohort is fitted in float32, not in
-    # whatever jax_enable_x64 makes of the Python floats here)
-    dtype = _fit_dtype(cohort)
+    # the fit runs in the options' precision, else in the cohort's dtype (a float32 cohort
+    # is fitted in float32, not in whatever jax_enable_x64 makes of the Python floats here)
+    dtype = options.dtype() or _fit_dtype(cohort)
     # each patient's typical values: the population's, moved by its covariates when the
     # model has a covariate network
     typical_i = jnp.asarray(model.individual_typical(
@@ -268,36 +358,63 @@ def calibrate(
         raise ValueError(f"fixed_params must be ({n}, {model.n_params}), got {theta_fixed.shape}")
 
     w_mask = cohort.fit_mask(condition_until)
-    y = jnp.where(w_mask, cohort.obs_values, 0.0)
-    data = (theta_fixed, cohort.schedule, cohort.obs_times, cohort.obs_mask,
-            cohort.obs_index, y.astype(dtype), w_mask)
+    y = jnp.where(w_mask, cohort.obs_values, 0.0).astype(dtype)
     z_pop, inv_omega = _prior(model, free_idx, typical_i, omega)
-    inv_omega = inv_omega.astype(dtype)
-    # read here, where the schedule is concrete (inside the jitted iteration it is not)
+    z_pop, inv_omega = z_pop.astype(dtype), inv_omega.astype(dtype)
+    # read here, where the schedule is concrete (inside the jitted loop it is not)
     problem = _Problem(model, free_idx, options, cohort.schedule.has_infusions())
     rng = np.random.default_rng(seed)
 
-    def run(z0, em):
-        z, lam = z0, jnp.full((n,), 1e-3, dtype)
-        sd_frozen = None
-        conv = jnp.zeros((n,), bool)
-        failed = jnp.zeros((n,), bool)
-        t0 = time.perf_counter()
-        for it in range(max_iter):
-            if em.kind == "additive":
-                sd_frozen = jnp.full(y.shape, em.additive, dtype)
+    # the loop runs at a bucketed batch size (padding patients: copies of the first, no
+    # data, done from the start) split over the local devices
+    n_dev = jax.local_device_count()
+    n_run = _padded_rows(n, n_dev)
+
+    def pad(x):
+        x = jnp.asarray(x)
+        return x if n_run == n else jnp.concatenate([x, jnp.repeat(x[:1], n_run - n, 0)])
+
+    sched = cohort.schedule
+    if sched.dose_times.ndim == 2:
+        sched = jax.tree.map(pad, sched)
+    data = (pad(theta_fixed), sched, pad(jnp.asarray(cohort.obs_times, dtype)),
+            pad(cohort.obs_mask), pad(cohort.obs_index), pad(y),
+            pad(w_mask) & (jnp.arange(n_run) < n)[:, None])
+    z_pop_run = pad(z_pop)
+    mesh = Mesh(np.array(jax.local_devices()), ("patients",)) if n_dev > 1 else None
+    chunk = max_iter if progress is None else max(1, int(progress_every))
+
+    def run(z0, em) -> _LM:
+        """One fit from z0: the on-device loop in chunks of `chunk` iterations (the host
+        reads the iteration count and whether all are done once per chunk)."""
+        f_dim = z_pop.shape[1]
+        carry = _LM(it=jnp.zeros((n_dev,) if mesh else (), jnp.int32), z=pad(z0),
+                    lam=jnp.full((n_run,), 1e-3, dtype), cost=jnp.zeros((n_run,), dtype),
+                    conv=jnp.arange(n_run) >= n, failed=jnp.zeros((n_run,), bool),
+                    h=jnp.zeros((n_run, f_dim, f_dim), dtype))
+        em_scale = jnp.asarray([em.additive, em.proportional], dtype)
+        tol_ = jnp.asarray(tol, dtype)
+        t_start = time.perf_counter()
+        done_it = 0
+        while True:
+            stop_at = jnp.asarray(min(done_it + chunk, max_iter), jnp.int32)
+            if mesh is None:
+                carry = _lm_loop(problem, carry, data, z_pop_run, em.kind, em_scale,
+                                 inv_omega, stop_at, tol_)
             else:
-                f, _ = problem.predict(z, *data[:5])
-                sd_frozen = em.sd(f)
-            z, lam, cost, rel, small, h, finite = _lm_iteration(
-                problem, z, lam, data, sd_frozen, z_pop, inv_omega, conv | failed)
-            failed = failed | ~finite
-            conv = (conv | ((rel > 0) & (rel < tol)) | small) & ~failed
-            if progress:
-                progress(it + 1, int(jnp.sum(conv)), time.perf_counter() - t0)
-            if bool(jnp.all(conv | failed)):
+                arrays, static = eqx.partition(problem, eqx.is_array)
+                carry = _lm_loop_sharded(arrays, static, (carry, data, z_pop_run), em.kind,
+                                         (em_scale, inv_omega, stop_at, tol_), mesh)
+            it, n_done, n_conv = jax.device_get((jnp.max(carry.it),
+                                                 jnp.sum(carry.conv | carry.failed),
+                                                 jnp.sum(carry.conv[:n])))
+            done_it = int(it)
+            if progress is not None:
+                progress(done_it, int(n_conv), time.perf_counter() - t_start)
+            if done_it >= max_iter or int(n_done) == n_run or done_it < int(stop_at):
                 break
-        return z, cost, conv, h, it + 1, sd_frozen
+        out = carry._replace(it=jnp.max(carry.it))
+        return jax.tree.map(lambda x: x[:n] if x.ndim else x, out)
 
     best = None
     em = error_model
@@ -305,32 +422,39 @@ def calibrate(
         if s == 0:
             z0 = z_pop
         else:
-            om = np.where(np.asarray(inv_omega) > 0, 1.0 / np.maximum(np.asarray(inv_omega), 1e-300), 0.5)
-            z0 = jnp.asarray(np.asarray(z_pop) + om * rng.standard_normal((n, len(free_idx))),
-                             dtype)
+            om = np.where(np.asarray(inv_omega) > 0,
+                          1.0 / np.maximum(np.asarray(inv_omega), 1e-300), 0.5)
+            z0 = jnp.asarray(np.asarray(z_pop) + om * rng.standard_normal(
+                (n, len(free_idx))), dtype)
         rounds = error_rounds if error_model.estimate else 1
         for rnd in range(rounds):
-            z, cost, conv, h, n_it, sd_frozen = run(z0, em)
+            out = run(z0, em)
             if error_model.estimate and rnd < rounds - 1:
-                f, _ = problem.predict(z, *data[:5])
+                f, _ = problem.predict(out.z, theta_fixed, cohort.schedule,
+                                       cohort.obs_times, cohort.obs_mask,
+                                       cohort.obs_index)
                 r = np.asarray(jnp.where(w_mask, (y - f) / em.sd(f), 0.0))
-                k = float(np.sqrt(np.sum(r ** 2) / max(int(np.sum(np.asarray(w_mask))), 1)))
+                k = float(np.sqrt(np.sum(r ** 2)
+                                  / max(int(np.sum(np.asarray(w_mask))), 1)))
                 em = em.scaled(k)
-                z0 = z
+                z0 = out.z
+        cand = (out.z, out.cost, out.conv, out.h, int(out.it))
         if best is None:
-            best = (z, cost, conv, h, n_it)
+            best = cand
         else:
-            take = (cost < best[1]) | ~jnp.isfinite(best[1])
-            best = (jnp.where(take[:, None], z, best[0]), jnp.where(take, cost, best[1]),
-                    jnp.where(take, conv, best[2]), jnp.where(take[:, None, None], h, best[3]),
-                    max(n_it, best[4]))
+            take = (cand[1] < best[1]) | ~jnp.isfinite(best[1])
+            best = (jnp.where(take[:, None], cand[0], best[0]),
+                    jnp.where(take, cand[1], best[1]),
+                    jnp.where(take, cand[2], best[2]),
+                    jnp.where(take[:, None, None], cand[3], best[3]),
+                    max(cand[4], best[4]))
     z, cost, conv, h, n_it = best
     cov = jnp.linalg.inv(h + 1e-12 * jnp.eye(h.shape[-1], dtype=dtype))
     sd_z = jnp.sqrt(jnp.clip(jnp.diagonal(cov, axis1=1, axis2=2), 0.0))
     corr = cov / (sd_z[:, :, None] * sd_z[:, None, :] + jnp.finfo(dtype).tiny)
-    theta = problem.theta(z, data[0])
+    theta = problem.theta(z, theta_fixed)
     # delta method: d theta / d z for each free parameter
-    dtheta = jax.jvp(lambda zz: problem.theta(zz, data[0]), (z,), (sd_z,))[1]
+    dtheta = jax.jvp(lambda zz: problem.theta(zz, theta_fixed), (z,), (sd_z,))[1]
     se = jnp.zeros_like(theta).at[:, jnp.asarray(free_idx)].set(
         jnp.abs(dtheta[:, jnp.asarray(free_idx)]))
     return CalibrationResult(params=theta, z=z, cov_z=cov, se=se, corr=corr, cost=cost,

@@ -26,6 +26,7 @@ from .solve import (
     BACKENDS,
     EXPERIMENT_DEFAULT,
     METHODS,
+    PRECISIONS,
     RK4,
     Auto,
     Diffrax,
@@ -117,8 +118,9 @@ class SolverConfig:
     step `dt0`), the step-size controller (`rtol`, `atol`, `dtmax`: a number, "obs" or
     null), the per-patient step limit, and the settings owned by one backend: `kernel`
     (`block`, `warps`) and `diffrax` (`save_chunk`), used also when `auto` picks that
-    backend. (Each stage picks its differentiation mode: calibration forward, training
-    reverse.)"""
+    backend. `precision`: the float dtype of every solve and fit (auto: float32 on a GPU,
+    float64 on a CPU; float32 | float64). (Each stage picks its differentiation mode:
+    calibration forward, training reverse.)"""
 
     backend: str = _D.backend_name
     method: str = _D.method.name
@@ -127,6 +129,7 @@ class SolverConfig:
     atol: float = _D.controller.atol
     dtmax: float | str | None = _D.controller.dtmax
     max_steps: int = _D.max_steps
+    precision: str = _D.precision
     kernel: Kernel = dataclasses.field(default_factory=Kernel)
     diffrax: Diffrax = dataclasses.field(default_factory=Diffrax)
 
@@ -183,6 +186,7 @@ CHOICES = {
     "error_model.kind": ERROR_KINDS,
     "solver.backend": BACKEND_NAMES,
     "solver.method": tuple(METHODS),
+    "solver.precision": PRECISIONS,
 }
 MOVED = {"calibration.backend": "solver.backend", "calibration.rtol": "solver.rtol",
          "calibration.atol": "solver.atol", "solver.kernel_block": "solver.kernel.block",
@@ -282,7 +286,7 @@ def solver_options(cfg: ExperimentConfig) -> SolverOptions:
         BACKENDS[s.backend]()
     return SolverOptions(method=method,
                          controller=StepSizeController(s.rtol, s.atol, s.dtmax),
-                         max_steps=s.max_steps, backend=backend)
+                         max_steps=s.max_steps, backend=backend, precision=s.precision)
 
 
 def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
@@ -333,10 +337,6 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
         if d.target not in model.dose_target_names:
             raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
                               f"target of {cfg.model.name} ({', '.join(model.dose_target_names)})")
-    if cfg.model.learned and cfg.solver.method == "rk4":
-        raise ConfigError("solver.method: hybrid training needs reverse-mode derivatives with "
-                          "respect to network weights, which the rk4 backends (ensemble, "
-                          "kernel) do not take: use tsit5 or dopri5")
     for i, lt in enumerate(cfg.model.learned):
         where = f"model.learned[{i}]"
         if lt.kind not in LEARNED_KINDS:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._atomic import atomic_open, atomic_write_text
 from .calibrate import ErrorModel, calibrate
@@ -30,9 +31,10 @@ logger = logging.getLogger("hybrid_twin")
 def training_options(options: SolverOptions | None) -> SolverOptions:
     """The options hybrid training solves with: `options` (default `EXPERIMENT_DEFAULT`)
     in reverse mode, on its own backend when that backend takes reverse-mode derivatives
-    with respect to network weights, otherwise on the diffrax backend with the same
-    method, controller and step limit (logged); the step capped at the observation
-    spacing unless a cap is set (steady-state sensitivities, DESIGN.md)."""
+    with respect to network weights (all of diffrax, ensemble and kernel do), otherwise on
+    the diffrax backend with the same method, controller and step limit (logged); on
+    diffrax the step is capped at the observation spacing unless a cap is set
+    (steady-state sensitivities, DESIGN.md)."""
     options = (options or EXPERIMENT_DEFAULT).resolved()
     backend = options.backend
     if not ("reverse" in backend.differentiation and backend.differentiates_model):
@@ -234,7 +236,10 @@ def train_population(
     has_inf = train.schedule.has_infusions()  # concrete here, traced in the step
     base = model.to_unconstrained(typical)
 
-    def batch_loss(trainable, omega, rows, batch):
+    def batch_loss(trainable, omega, rows, batch, row_w, n_rows):
+        """The loss of a mini-batch: its rows' data and prior terms over `n_rows` (the
+        batch size without padding; padding rows have row_w 0 and no data), plus the
+        penalty."""
         net_arrays, z_all, z_typ = trainable
         m = eqx.combine(net_arrays, static)
         sched, ts, mask, obs_k, y, w, cov = batch
@@ -248,14 +253,20 @@ def train_population(
         data = 0.5 * jnp.sum(r * r)
         # a covariate network moves each patient's prior mean
         shift = m.covariate_offsets(cov, train.covariate_names)[:, idx]
-        prior = 0.5 * jnp.sum(((z_b - z_typ - shift) / omega) ** 2)
+        prior = 0.5 * jnp.sum(row_w[:, None] * ((z_b - z_typ - shift) / omega) ** 2)
         pen = penalty_weight * m.penalty() if hasattr(m, "penalty") else 0.0
-        return (data + prior) / z_b.shape[0] + pen, data
+        return (data + prior) / n_rows + pen, data
+
+    n_dev = jax.local_device_count()
+    # several devices: each mini-batch's patients are split over them (the arrays placed
+    # sharded, the compiled step partitioned by XLA); the parameters are replicated
+    rows_sharding = (NamedSharding(Mesh(np.array(jax.local_devices()), ("patients",)),
+                                   PartitionSpec("patients")) if n_dev > 1 else None)
 
     @eqx.filter_jit
-    def step(trainable, opt_state, omega, rows, batch):
-        (loss, data), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
-            trainable, omega, rows, batch)
+    def step(trainable, opt_state, omega, rows, batch, row_w, n_rows):
+        (_, data), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
+            trainable, omega, rows, batch, row_w, n_rows)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         # patients outside the batch keep their parameters (only their moments decay)
         in_batch = jnp.zeros((n, 1), bool).at[rows].set(True)
@@ -279,8 +290,20 @@ def train_population(
             rows = np.sort(perm[start:start + batch_size])
             if rows.size < batch_size and n >= batch_size:
                 rows = np.sort(np.concatenate([rows, perm[: batch_size - rows.size]]))
-            trainable, opt_state, data = step(trainable, opt_state, state.omega,
-                                              jnp.asarray(rows), batch_of(train, rows))
+            n_rows = rows.size
+            row_w = np.ones(rows.size)
+            pad = (-rows.size) % n_dev
+            if pad:  # copies of the first row without data or prior, to split evenly
+                rows = np.concatenate([rows, np.repeat(rows[:1], pad)])
+                row_w = np.concatenate([row_w, np.zeros(pad)])
+            batch = batch_of(train, rows)
+            if pad:
+                batch = batch[:5] + (batch[5] & jnp.asarray(row_w > 0)[:, None],) + batch[6:]
+            split = (jnp.asarray(rows), batch, jnp.asarray(row_w))
+            if rows_sharding is not None:
+                split = jax.device_put(split, rows_sharding)
+            trainable, opt_state, data = step(trainable, opt_state, state.omega, *split,
+                                              n_rows)
             total += float(data)
         new_model = eqx.combine(trainable[0], static)
         z_all = trainable[1]

@@ -57,6 +57,7 @@ def simulate(
     t0: float = 0.0,
     options: SolverOptions | None = None,
     has_infusions: bool | None = None,
+    active: Any = None,
 ) -> Solution:
     """Solve one patient or a batch of patients and save at their observation times.
 
@@ -76,6 +77,8 @@ def simulate(
             a traced schedule is assumed to have some). Callers that trace `simulate`
             inside their own `jit` pass it, so that no infusion windows are built for
             schedules without infusions.
+        active: (N,) bool, the patients to solve (default all); the ensemble and kernel
+            backends skip the others (`Status.SKIPPED`, results unspecified).
 
     Returns:
         `Solution` with states at `save_ts`, per-patient `status` and step counts.
@@ -86,7 +89,9 @@ def simulate(
     sensitivities computed in the kernel); jit-compiled.
     """
     options = (options or DEFAULT).resolved(model)
-    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions)
+    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions,
+                           options.dtype(), active)
+    options = options.for_dtype(batch.dtype)
     n_dev = jax.local_device_count()
     if n_dev > 1 and not single and not isinstance(batch.theta, jax.core.Tracer):
         return _simulate_sharded(model, batch, options, n_dev)
@@ -106,6 +111,7 @@ def normal_equations(
     t0: float = 0.0,
     options: SolverOptions | None = None,
     has_infusions: bool | None = None,
+    active: Any = None,
 ) -> NormalEquations:
     """Per patient, the weighted least-squares quantities of a Gauss–Newton step: the cost
     1/2 sum r² of r = (y - f) * weight over the save slots (`data`: `FitData`, (N, M)
@@ -113,11 +119,19 @@ def normal_equations(
     tangents d theta / d z_k, or `AxisDirections`; None: the cost only) JᵀJ (N, K, K) and
     Jᵀr (N, K) of J = dr / dz. The backend computes them its own way (the kernel inside
     its solve, without storing J; the others by forward-mode derivatives of the solve).
-    Arguments otherwise as `simulate`'s, batched."""
+    Arguments otherwise as `simulate`'s (`active` included), batched."""
     options = (options or DEFAULT).resolved(model)
-    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions)
+    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions,
+                           options.dtype(), active)
     if single:
         raise ValueError("normal_equations: params must be batched, (N, n_params)")
+    dtype = batch.dtype
+    options = options.for_dtype(dtype)
+    data = FitData(jnp.asarray(data.y, dtype), jnp.asarray(data.weight, dtype), data.obs_index)
+    if isinstance(directions, AxisDirections):
+        directions = directions._replace(scale=jnp.asarray(directions.scale, dtype))
+    elif directions is not None:
+        directions = jnp.asarray(directions, dtype)
     return _normal_compiled(model, batch, directions, data, options)
 
 
@@ -127,11 +141,13 @@ def _normal_compiled(model, batch, directions, data, options) -> NormalEquations
 
 
 def _batch(model, params, schedule, save_ts, save_mask, t0,
-           has_infusions: bool | None) -> tuple[Batch, bool]:
-    """Validate `simulate`'s inputs; the `Batch` (leading axis N) and whether the input
-    was one patient."""
+           has_infusions: bool | None, dtype=None, active=None) -> tuple[Batch, bool]:
+    """Validate `simulate`'s inputs; the `Batch` (leading axis N, in `dtype`, default the
+    parameters' float dtype) and whether the input was one patient."""
     params = jnp.asarray(params)
-    if not jnp.issubdtype(params.dtype, jnp.floating):
+    if dtype is not None:
+        params = params.astype(dtype)
+    elif not jnp.issubdtype(params.dtype, jnp.floating):
         params = params.astype(jnp.result_type(float))
     if params.ndim not in (1, 2) or params.shape[-1] != model.n_params:
         raise ValueError(
@@ -185,12 +201,17 @@ def _batch(model, params, schedule, save_ts, save_mask, t0,
     schedule = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, schedule)
     single = params.ndim == 1
+    if active is not None:
+        active = jnp.asarray(active, bool)
+        if single or active.shape != (params.shape[0],):
+            raise ValueError(f"active must be (N,) bool for params (N, n_params), got "
+                             f"shape {active.shape} for params {params.shape}")
     if single:
         params = params[None]
         schedule = jax.tree.map(lambda x: x[None], schedule)
         save_ts, save_mask = save_ts[None], save_mask[None]
     batch = Batch(params, schedule, save_ts, jnp.asarray(save_mask), jnp.asarray(t0, dtype),
-                  has_inf)
+                  has_inf, active)
     return batch, single
 
 
@@ -208,6 +229,8 @@ def _simulate_sharded(model, batch: Batch, options, n_dev) -> Solution:
 
     batched = batch.schedule.dose_times.ndim == 2, batch.save_ts.ndim == 2
     batch = eqx.tree_at(lambda b: b.theta, batch, padded(batch.theta))
+    if batch.active is not None:
+        batch = eqx.tree_at(lambda b: b.active, batch, padded(batch.active))
     if batched[0]:
         batch = eqx.tree_at(lambda b: b.schedule, batch, jax.tree.map(padded, batch.schedule))
     if batched[1]:
@@ -225,7 +248,8 @@ def _sharded_compiled(arrays, static, batch, options, mesh, batched):
         theta=rows,
         schedule=jax.tree.map(lambda _: rows if batched[0] else whole, batch.schedule),
         save_ts=rows if batched[1] else whole, save_mask=rows if batched[1] else whole,
-        t0=whole, has_infusions=batch.has_infusions)
+        t0=whole, has_infusions=batch.has_infusions,
+        active=None if batch.active is None else rows)
     array_spec = jax.tree.map(lambda _: whole, arrays)
 
     def local(arr, b):

@@ -117,8 +117,15 @@ def test_solver_section_builds_the_solver_options():
                                           r"kvaerno5 only, not rk4"):
         load_config("configs/quickstart.yaml", ["solver.backend=diffrax", "solver.method=rk4",
                                                 "solver.dt0=1"])
-    with pytest.raises(ConfigError, match=r"solver.method: hybrid training needs reverse-mode"):
-        load_config("configs/glucose_hybrid.yaml", ["solver.method=rk4", "solver.dt0=1"])
+    # hybrid training takes reverse-mode derivatives on every backend, rk4 included
+    rk4 = load_config("configs/glucose_hybrid.yaml", ["solver.method=rk4", "solver.dt0=1",
+                                                      "solver.backend=kernel"])
+    assert solver_options(rk4).method == RK4(1.0)
+    assert solver_options(load_config("configs/quickstart.yaml", [
+        "solver.precision=float32"])).precision == "float32"
+    with pytest.raises(ConfigError, match=r"solver.precision: 'half' is not one of auto, "
+                                          r"float32, float64"):
+        load_config("configs/quickstart.yaml", ["solver.precision=half"])
     # auto keeps the settings of the backend it picks
     auto = solver_options(load_config("configs/quickstart.yaml", [
         "solver.backend=auto", "solver.diffrax.save_chunk=8"])).resolved()

@@ -338,7 +338,7 @@ def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, 
     assert kernel_support(randomized_hybrid(model, jax.random.PRNGKey(0))) is None
     reason = kernel_support(StackedElimination())
     assert reason is not None and "stack" in reason.lower()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(options_mod, "default_platform", lambda: "gpu")
     auto = SolverOptions(backend="auto")
     assert auto.resolved(model).backend_name == "kernel"
     with caplog.at_level(logging.INFO, logger="hybrid_twin"):
@@ -367,21 +367,65 @@ def test_rk4_float32_takes_exactly_the_grid_steps(dt0):
         assert int(sol.num_steps[i]) == ideal
 
 
-def test_a_float32_cohort_is_calibrated_in_float32_and_agrees_with_float64():
-    """Calibration follows the cohort's dtype: a float32 cohort is fitted with float32
-    kernels (a float64 value anywhere in the loop would promote the estimates), and its
-    estimates agree with the float64 fit to a small fraction of their standard errors."""
+def test_the_gpu_precision_policy_calibrates_in_float32_and_agrees_with_float64(monkeypatch):
+    """Under the GPU precision policy ("auto" on a GPU: float32) a float64 cohort is
+    calibrated with float32 kernels (every kernel traced in the loop sees float32
+    parameters, data and tangents, whatever x64 makes of Python floats), and its estimates
+    agree with the float64 fit to a small fraction of their standard errors. A float32
+    cohort without a policy is fitted in float32 too (the cohort's dtype)."""
     from benchmarks.calibrate import scenario
+    from hybrid_twin.solve import kernel as kernel_mod
+    from hybrid_twin.solve import options as options_mod
 
     model, vc, free, _ = scenario("glucose5", 8, seed=3)
-    c32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
-                       if np.asarray(x).dtype == np.float64 else x, vc.cohort)
     opts = SolverOptions(controller=StepSizeController(rtol=1e-6, atol=1e-6), backend="kernel")
-    kw = dict(free=free, options=opts, max_iter=12,
+    kw = dict(free=free, max_iter=12,
               error_model=ErrorModel("additive", additive=5.0, estimate=False))
-    r32 = calibrate(model, c32, **kw)
-    r64 = calibrate(model, vc.cohort, **kw)
+    traced = []
+    real_run = kernel_mod.run_kernel
+
+    def spy(model, theta, prep, **kw_):
+        d = kw_.get("directions")
+        traced.append({theta.dtype, prep.ts.dtype, prep.q_jump.dtype}
+                      | ({getattr(d, "scale", d).dtype} if d is not None else set())
+                      | ({kw_["data"].y.dtype, kw_["data"].weight.dtype}
+                         if kw_.get("data") is not None else set()))
+        return real_run(model, theta, prep, **kw_)
+
+    monkeypatch.setattr(kernel_mod, "run_kernel", spy)
+    monkeypatch.setattr(options_mod, "default_platform", lambda: "gpu")
+    gpu_policy = dataclasses.replace(opts, precision="auto")
+    assert gpu_policy.dtype() == jnp.float32
+    jax.clear_caches()
+    r32 = calibrate(model, vc.cohort, options=gpu_policy, **kw)
+    monkeypatch.undo()
+    assert len(traced) >= 2 and all(t == {jnp.dtype(jnp.float32)} for t in traced), traced
     for x in (r32.z, r32.params, r32.cost, r32.cov_z):
         assert x.dtype == jnp.float32
+    assert dataclasses.replace(opts, precision="auto").dtype() == jnp.float64  # CPU, x64
+    r64 = calibrate(model, vc.cohort, options=opts, **kw)
     se = np.sqrt(np.diagonal(np.asarray(r64.cov_z), axis1=1, axis2=2))
     assert np.max(np.abs(np.asarray(r32.z, np.float64) - np.asarray(r64.z)) / se) < 0.05
+    c32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
+                       if np.asarray(x).dtype == np.float64 else x, vc.cohort)
+    r32c = calibrate(model, c32, options=opts, **kw)
+    assert r32c.z.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(r32c.z), np.asarray(r32.z))
+
+
+def test_float32_tolerances_are_raised_to_what_float32_can_meet():
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10))
+    f32 = opts.for_dtype(jnp.float32)
+    assert (f32.controller.rtol, f32.controller.atol) == (1e-6, pytest.approx(1e-8))
+    assert opts.for_dtype(jnp.float64) is opts
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SolverOptions(precision="half")
+
+
+def test_block_size_follows_the_batch():
+    """Small cohorts spread over many SMs in one-warp programs; large ones use 128."""
+    from hybrid_twin.solve.kernel import default_block
+
+    assert default_block(60, n_sm=132) == 32
+    assert default_block(132 * 64, n_sm=132) == 64
+    assert default_block(100_000, n_sm=132) == 128

@@ -33,21 +33,20 @@ def record_solves(monkeypatch) -> list:
     `simulate`'s dispatch; ("solved", options) when the backend itself ran."""
     import importlib
     import inspect
-    from typing import ClassVar
 
     import training.run as runner
     from hybrid_twin.config import solver_options
-    from hybrid_twin.solve import Ensemble
 
     sim = importlib.import_module("hybrid_twin.simulate")  # the module, not the function
     asked: list = []
 
-    class Recording(Ensemble):
-        name: ClassVar[str] = "recording"
-
-        def solve(self, model, batch, options):
-            asked.append(("solved", options))
-            return super().solve(model, batch, options)
+    def recording(backend):
+        class Recording(type(backend)):
+            def solve(self, model, batch, options):
+                asked.append(("solved", options))
+                return super().solve(model, batch, options)
+        return Recording(**{f.name: getattr(backend, f.name)
+                            for f in dataclasses.fields(backend)})
 
     def recorded(compiled):
         def entry(model, batch, *args):
@@ -59,7 +58,7 @@ def record_solves(monkeypatch) -> list:
     monkeypatch.setattr(sim, "_solve_compiled", recorded(sim._solve_compiled))
     monkeypatch.setattr(sim, "_normal_compiled", recorded(sim._normal_compiled))
     monkeypatch.setattr(runner, "solver_options", lambda cfg: dataclasses.replace(
-        solver_options(cfg), backend=Recording()))
+        solver_options(cfg), backend=recording(solver_options(cfg).backend)))
     return asked
 
 
@@ -70,17 +69,20 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
     # the hybrid run also shows that the configured solver reaches every stage: its
     # backend records each solve it is asked for (and by which stage)
     asked = record_solves(monkeypatch) if hybrid else None
-    extra = ["solver.rtol=1e-7", "solver.max_steps=3000"] if hybrid else []
+    # (and that hybrid training runs on the kernel backend: interpret mode here)
+    extra = (["solver.rtol=1e-7", "solver.max_steps=3000", "solver.backend=kernel"]
+             if hybrid else [])
     assert main(["run", config, "--out", str(out),
                  *sum((["--set", s] for s in SMALL[config] + extra), [])]) == 0
     if hybrid:
         entries = [(who, o) for who, o in asked if who != "solved"]
         assert any(who == "solved" for who, _ in asked)
         for who, options in entries:
-            # the training loss needs reverse mode w.r.t. network weights, which the
-            # (ensemble) backend does not take: diffrax with the configured tolerances
-            name = "diffrax" if "batch_loss" in who else "recording"
-            assert options.backend.name == name, sorted(who)
+            # the training loss too: reverse mode w.r.t. network weights on the kernel
+            assert options.backend.name == "kernel", sorted(who)
+            assert type(options.backend).__name__ == "Recording"
+            if "batch_loss" in who:
+                assert options.differentiation == "reverse"
             assert (options.controller.rtol, options.max_steps) == (1e-7, 3000), sorted(who)
         assert set().union(*(who for who, _ in entries)) == set(STAGES)
         # training's own calibrations and validation, too

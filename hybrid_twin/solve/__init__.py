@@ -33,11 +33,14 @@ from .options import (
     BACKENDS,
     DEFAULT,
     EXPERIMENT_DEFAULT,
+    FLOAT32_MIN_RTOL,
+    PRECISIONS,
     SolverOptions,
 )
 
 __all__ = [
-    "BACKENDS", "BACKEND_NAMES", "DEFAULT", "EXPERIMENT_DEFAULT", "METHODS", "RK4",
+    "BACKENDS", "BACKEND_NAMES", "DEFAULT", "EXPERIMENT_DEFAULT", "FLOAT32_MIN_RTOL", "METHODS",
+    "PRECISIONS", "RK4",
     "Auto", "AxisDirections", "Backend", "Batch", "Diffrax", "Dopri5", "Ensemble", "FitData",
     "Kernel", "Kvaerno5", "Method", "NormalEquations", "Solution", "SolverOptions",
     "Status", "StepSizeController", "Tsit5", "kernel_support",

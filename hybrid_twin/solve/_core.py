@@ -27,6 +27,7 @@ class Status(enum.IntEnum):
     MAX_STEPS = 1
     NONFINITE = 2
     SOLVER_FAILED = 3
+    SKIPPED = 4  # not solved: marked inactive by the caller (`Batch.active`)
 
 
 class Solution(eqx.Module):
@@ -190,6 +191,10 @@ class Batch(eqx.Module):
         t0: () start time.
         has_infusions: whether any dose is an infusion (static: without, no infusion
             windows are built).
+        active: (N,) bool or None (all): the patients to solve. A backend may skip the
+            others (status `Status.SKIPPED`, their results unspecified) or solve them
+            anyway; the ensemble and kernel backends skip them (a kernel program whose
+            patients are all inactive ends at once).
     """
 
     theta: jax.Array
@@ -198,6 +203,7 @@ class Batch(eqx.Module):
     save_mask: jax.Array
     t0: jax.Array
     has_infusions: bool = eqx.field(static=True, default=True)
+    active: jax.Array | None = None
 
     @property
     def n(self) -> int:

@@ -22,7 +22,12 @@ numerical pitfalls); with observed data, each lane's weighted JᵀJ, Jᵀr and r
 squares are accumulated at its observations (the Jacobian is never stored).
 
 Step-size control is not differentiated (`stop_gradient`): under `jax.jvp` of the walk the
-sensitivities are those of the Runge–Kutta map at the chosen steps.
+sensitivities are those of the Runge–Kutta map at the chosen steps. Reverse mode (on
+arrays): with `loop="checkpointed"` the inner loop of steps is equinox's checkpointed while
+loop (online treeverse recomputation, as diffrax's `RecursiveCheckpointAdjoint`) and the
+slots are a `lax.scan` emitting the states, so `jax.grad` of the walk is the exact
+derivative of the same discrete Runge–Kutta map, with respect to parameters, network
+weights and schedules alike.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._core import Method, Status, StepSizeController, Tableau
+from ._core import Batch, Method, Solution, Status, StepSizeController, Tableau, prepare
 
 SAFETY, FACTOR_MIN, FACTOR_MAX = 0.9, 0.2, 10.0
 ERROR_EXPONENT = -0.2  # -1 / (order + 1) of the 5(4) pairs
@@ -49,7 +55,8 @@ class Sources(NamedTuple):
     (Q, L): the other events (see `Prepared`); rate (Q + 1, S, L) or None; anchor (Q + 1,
     L), u_a, u_slope (Q + 1, C, L) or None; dtmax (1, L) or None; directions (K, L) (one
     parameter each) or (K, P, L) or None; y_obs, weight, obs_kind (M, L) or None (no
-    normal equations)."""
+    normal equations); active (1, L) int32 or None (all lanes): a lane with 0 is not
+    integrated (status `Status.SKIPPED`)."""
 
     theta: Any
     ts: Any
@@ -67,6 +74,7 @@ class Sources(NamedTuple):
     y_obs: Any = None
     weight: Any = None
     obs_kind: Any = None
+    active: Any = None
 
 
 class Step(NamedTuple):
@@ -169,8 +177,8 @@ def pick(values, index, n_choices: int):
 def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
               controller: StepSizeController, max_steps: int, n_slots: int,
               axis_index: tuple[int, ...] | None = None, k_dim: int = 0,
-              write: Callable[[Any, list, Any], Any] | None = None, out: Any = None
-              ) -> Walked:
+              write: Callable[[Any, list, Any], Any] | None = None, out: Any = None,
+              loop: str = "lax", emit: bool = False) -> Walked:
     """Walk every lane from t0 through its save slots (see the module docstring).
 
     Args:
@@ -185,6 +193,10 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
         k_dim: K (0: no sensitivities).
         write: `write(s, y, out) -> out` after slot s with every lane's state list `y`
             (states, then sensitivities); `out` is carried through the walk.
+        loop: the inner loop of steps: "lax" (`lax.while_loop`: forward mode; what Pallas
+            lowers) or "checkpointed" (reverse mode, on arrays).
+        emit: return the states after every slot as `out`, (M, S, L), from a `lax.scan`
+            (instead of `write`; what reverse mode needs: no output carried).
 
     Returns `Walked`: status and steps (L,), the normal equations (when `src.y_obs` is
     given) and the final `out`.
@@ -362,7 +374,12 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
                               t_seg=jnp.where(landed, t, c.t_seg),
                               steps_seg=jnp.where(landed, steps, c.steps_seg))
 
-        return jax.lax.while_loop(cond, body, st._replace(t_seg=st.t, steps_seg=st.steps))
+        init = st._replace(t_seg=st.t, steps_seg=st.steps)
+        if loop == "checkpointed":
+            # each iteration takes a step or applies a dose: at most max_steps + Q + 1
+            return eqx.internal.while_loop(cond, body, init, kind="checkpointed",
+                                           max_steps=max_steps + q_dim + 1)
+        return jax.lax.while_loop(cond, body, init)
 
     def accumulate(s, y_all, acc: Normal) -> Normal:
         w = src.weight[s]
@@ -395,7 +412,41 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
     izero = jnp.zeros((lanes,), jnp.int32)
     seg0 = load_segment(izero)
     k1_0 = seg_field(seg0)(t_start, flat0) if fsal else []
-    st0 = Step(t=t_start, y=flat0, h=h0.astype(dtype), status=izero, steps=izero, k1=k1_0,
+    status0 = izero if src.active is None else jnp.where(
+        src.active[0] != 0, Status.OK, Status.SKIPPED).astype(jnp.int32)
+    st0 = Step(t=t_start, y=flat0, h=h0.astype(dtype), status=status0, steps=izero, k1=k1_0,
                iq=izero, t_q=next_other(izero), seg=seg0, t_seg=t_start, steps_seg=izero)
+    if emit:
+        def scan_slot(carry, s):
+            st, acc, _ = slot(s, (*carry, None))
+            return (st, acc), jnp.stack(st.y[:s_dim])
+
+        (st, acc), out = jax.lax.scan(scan_slot, (st0, normal0),
+                                      jnp.arange(n_slots, dtype=jnp.int32))
+        return Walked(st.status, st.steps, acc, out)
     st, acc, out = jax.lax.fori_loop(0, n_slots, slot, (st0, normal0, out))
     return Walked(st.status, st.steps, acc, out)
+
+
+def solve_on_arrays(model, batch: Batch, options) -> Solution:
+    """The walk run directly on arrays, the whole batch as its lanes (the ensemble
+    backend's solve, and the kernel's reverse-mode pullback): forward mode through
+    `lax.while_loop`, reverse mode (`options.differentiation == "reverse"`) through the
+    checkpointed loop."""
+    prep = prepare(model, batch, obs_cap=options.controller.dtmax == "obs")
+    n, m = batch.n, prep.ts.shape[1]
+    n_in = len(model.input_names) if prep.u_a is not None else 0
+    src = Sources(theta=batch.theta.T, ts=prep.ts_lanes, t0=prep.t0, t_end=prep.t_end,
+                  q_t=prep.q_t, q_jump=prep.q_jump, q_state=prep.q_state, rate=prep.rate,
+                  anchor=prep.anchor if n_in else None, u_a=prep.u_a if n_in else None,
+                  u_slope=prep.u_slope if n_in else None, dtmax=prep.dtmax,
+                  active=None if batch.active is None
+                  else batch.active.astype(jnp.int32)[None])
+    reverse = options.differentiation == "reverse"
+    walked = integrate(model, src, lanes=n, dtype=batch.dtype, method=options.method,
+                       controller=options.controller, max_steps=options.max_steps,
+                       n_slots=m, emit=True, loop="checkpointed" if reverse else "lax")
+    mask = batch.batched_save_times()[1]
+    ys = jnp.where(mask[..., None], jnp.moveaxis(walked.out, -1, 0), 0.0)
+    return Solution(ts=prep.ts, ys=ys, mask=mask, status=walked.status,
+                    num_steps=walked.steps)

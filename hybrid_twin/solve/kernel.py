@@ -13,8 +13,11 @@ Methods: `RK4(dt0)` and the adaptive pairs Tsit5 and Dopri5. Forward sensitiviti
 two ways: `normal_equations` accumulates each patient's weighted JᵀJ, Jᵀr and residual sum
 of squares at its observations inside the kernel (the Jacobian is never stored), which
 Levenberg–Marquardt calibration uses; and `solve` is a `jax.custom_jvp` in the
-parameters, so `jax.jacfwd` and `jax.grad` of `simulate` work (derivatives with respect to
-network weights, schedules or times are refused).
+parameters, so `jax.jacfwd` and `jax.grad` of `simulate` work (forward-mode derivatives
+with respect to network weights, schedules or times are refused). With
+`differentiation="reverse"` (hybrid training) `jax.grad` is taken with respect to
+everything: the forward solve runs in the kernel, the pullback is the ensemble backend's
+reverse mode through the same integrator (same steps and states, recomputed on arrays).
 
 On CPU the kernel runs in Pallas interpret mode (how CI tests it); on GPU it is lowered
 through Triton.
@@ -29,12 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # deprecated in JAX 0.11 (docs/gpu_backends.md); without it the kernel is CPU-only
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    plgpu = None
 
 from ..models.base import MechanisticModel
 from ..schedule import Schedule
 from ._core import RK4, Batch, Method, Prepared, Solution, StepSizeController, prepare
-from ._integrator import Sources, integrate, upper_triangle
+from ._integrator import Sources, integrate, solve_on_arrays, upper_triangle
 from .backend import AxisDirections, Backend, FitData, NormalEquations
 
 
@@ -64,8 +71,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
                data: FitData | None = None,
                want_states: bool = True, want_sens: bool = False,
                block: int | None = None, interpret: bool | None = None,
-               num_warps: int | None = None, save_states: tuple[int, ...] | None = None
-               ) -> dict[str, Any]:
+               num_warps: int | None = None, save_states: tuple[int, ...] | None = None,
+               active: jax.Array | None = None) -> dict[str, Any]:
     """Run the fused solve.
 
     Args:
@@ -80,10 +87,13 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
             accumulated for r = (y - f) * weight, J = dr / d direction.
         want_states, want_sens: return the states (N, M, S) / sensitivities (N, M, K, S)
             at the save slots (rows of masked save slots are unspecified).
+        active: (N,) bool or None (all): patients to integrate; the others are skipped
+            (status `Status.SKIPPED`, outputs unspecified).
         save_states: indices of the states written (default all; e.g. (0,) for glucose
             only, which cuts the kernel's output traffic).
-        block: patients per program (default 128 on GPU, the whole batch rounded up to a
-            power of two, at most 1024, in interpret mode).
+        block: patients per program (default `default_block(N)` on GPU, the whole batch
+            rounded up to a power of two, at most 1024, in interpret mode).
+        num_warps: warps per program on GPU (default one per 32 patients, at most 4).
 
     Returns a dict with "status", "steps" (N,) and as requested "states", "sens", "H"
     (N, K, K), "g" (N, K), "cost" (N,).
@@ -96,9 +106,10 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
     axis_dirs = isinstance(directions, AxisDirections)
     k_dim = 0 if directions is None else (
         len(directions.index) if axis_dirs else directions.shape[0])
-    num_warps = num_warps or 4
     if block is None:
-        block = 128 if not interpret else min(1024, max(8, 1 << (n - 1).bit_length()))
+        block = (default_block(n) if not interpret
+                 else min(1024, max(8, 1 << (n - 1).bit_length())))
+    num_warps = num_warps or max(1, min(4, block // 32))
     if block & (block - 1):
         raise ValueError(f"kernel block must be a power of two, got {block}")
     n_pad = -(-n // block) * block
@@ -129,6 +140,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
         "u_slope": opt(prep.u_slope if n_in else None), "dtmax": opt(prep.dtmax),
         "directions": opt(None if directions is None else (
             directions.scale if axis_dirs else jnp.moveaxis(directions, 1, -1))),
+        "active": opt(None if active is None else jnp.asarray(active, jnp.int32)[None]),
     }
     if data is not None:
         named.update(y_obs=lanes(jnp.where(data.weight > 0, data.y, 0.0).astype(dtype).T),
@@ -178,6 +190,10 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
         out["steps"][0] = walked.steps
 
     compiler_params = None
+    if not interpret and plgpu is None:
+        raise RuntimeError("the kernel backend needs Pallas' Triton backend "
+                           "(jax.experimental.pallas.triton), which this jax does not have: "
+                           "use the ensemble backend, or jax < 0.12 (docs/gpu_backends.md)")
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     (results,) = pl.pallas_call(
@@ -209,6 +225,19 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
     return res
 
 
+def default_block(n: int, n_sm: int | None = None) -> int:
+    """Patients per kernel program on a GPU for a batch of n: 128 (four warps) when the
+    batch fills every streaming multiprocessor at that size, otherwise the largest of 64
+    and 32 that gives one program per SM or more (a small cohort spread over many SMs
+    rather than one 128-lane program on one), never under one warp."""
+    if n_sm is None:
+        n_sm = getattr(jax.devices()[0], "core_count", None) or 132
+    for block in (128, 64):
+        if -(-n // block) >= n_sm:
+            return block
+    return 32
+
+
 def _is_zero(t) -> bool:
     return all(isinstance(x, jax.custom_derivatives.SymbolicZero)
                for x in jax.tree.leaves(t, is_leaf=lambda x: isinstance(
@@ -219,16 +248,17 @@ class Kernel(Backend):
     """The whole cohort's solve as one fused Pallas kernel (see the module docstring).
 
     Attributes:
-        block: patients per kernel program, a power of two (default 128 on a GPU, the
-            whole batch in interpret mode).
-        warps: warps per program on a GPU (default 4).
+        block: patients per kernel program, a power of two (default on a GPU:
+            `default_block(N)`, 32 to 128 by the batch size; the whole batch in interpret
+            mode).
+        warps: warps per program on a GPU (default one per 32 patients, at most 4).
     """
 
     name: ClassVar[str] = "kernel"
     methods: ClassVar[tuple[str, ...]] = ("rk4", "tsit5", "dopri5")
     differentiation: ClassVar[tuple[str, ...]] = ("forward", "reverse")
     default_differentiation: ClassVar[str] = "forward"
-    differentiates_model: ClassVar[bool] = False
+    differentiates_model: ClassVar[bool] = True  # reverse mode (see `solve`)
     block: int | None = eqx.field(static=True, default=None)
     warps: int | None = eqx.field(static=True, default=None)
 
@@ -248,7 +278,11 @@ class Kernel(Backend):
     def solve(self, model: MechanisticModel, batch: Batch, options) -> Solution:
         """Differentiable in the parameters by forward sensitivities computed in the
         kernel (`jax.custom_jvp`): `jax.jvp`, `jax.jacfwd` and `jax.grad` work; a
-        derivative with respect to anything else raises an error."""
+        forward-mode derivative with respect to anything else raises an error. With
+        `differentiation="reverse"`, `jax.grad` with respect to everything (network weights
+        and schedules included) by `_reverse_solve`."""
+        if options.differentiation == "reverse":
+            return _reverse_solve(self, model, batch, options)
         prep = self._prepare(model, batch, options)
         arrays, static = eqx.partition(model, eqx.is_array)
         mask = batch.batched_save_times()[1]
@@ -257,22 +291,22 @@ class Kernel(Backend):
             return run_kernel(eqx.combine(arr, static), th, pr, **self._settings(options), **kw)
 
         @jax.custom_jvp
-        def states(th, arr, pr, mask):
-            res = run(th, arr, pr)
+        def states(th, arr, pr, mask, active):
+            res = run(th, arr, pr, active=active)
             ys = jnp.where(mask[..., None], res["states"], 0.0)
             return ys, res["status"], res["steps"]
 
         def states_jvp(primals, tangents):
-            th, arr, pr, mask = primals
-            dth, darr, dpr, _ = tangents
+            th, arr, pr, mask, active = primals
+            dth, darr, dpr, _, _ = tangents
             if not (_is_zero(darr) and _is_zero(dpr)):
                 raise NotImplementedError(
-                    "the kernel backend differentiates with respect to the parameters only; "
-                    "use the diffrax backend for derivatives with respect to network "
-                    "weights, schedules or times")
+                    "in forward mode the kernel backend differentiates with respect to the "
+                    "parameters only; for derivatives with respect to network weights, "
+                    "schedules or times use SolverOptions(differentiation='reverse')")
             n, p_dim = th.shape
             unit = AxisDirections(tuple(range(p_dim)), jnp.ones((p_dim, n), th.dtype))
-            res = run(th, arr, pr, directions=unit, want_sens=True)
+            res = run(th, arr, pr, directions=unit, want_sens=True, active=active)
             ys = jnp.where(mask[..., None], res["states"], 0.0)
             sens = jnp.where(mask[..., None, None], res["sens"], 0.0)  # (N, M, P, S)
             if isinstance(dth, jax.custom_derivatives.SymbolicZero):
@@ -283,7 +317,7 @@ class Kernel(Backend):
             return (ys, res["status"], res["steps"]), (dys, zeros_i, zeros_i)
 
         states.defjvp(states_jvp, symbolic_zeros=True)
-        ys, status, steps = states(batch.theta, arrays, prep, mask)
+        ys, status, steps = states(batch.theta, arrays, prep, mask, batch.active)
         return Solution(ts=prep.ts, ys=ys, mask=mask, status=status, num_steps=steps)
 
     def normal_equations(self, model: MechanisticModel, batch: Batch,
@@ -295,10 +329,53 @@ class Kernel(Backend):
         weight = jnp.where(batch.batched_save_times()[1], data.weight, 0)
         res = run_kernel(model, batch.theta, prep, **self._settings(options),
                          directions=directions,
-                         data=data._replace(weight=weight), want_states=False)
+                         data=data._replace(weight=weight), want_states=False,
+                         active=batch.active)
         if directions is None:
             return NormalEquations(res["cost"], None, None, res["status"])
         return NormalEquations(res["cost"], res["H"], res["g"], res["status"])
+
+
+@eqx.filter_custom_vjp
+def _reverse_kernel(diff, static, kernel: Kernel, options):
+    """The kernel's forward solve of the batch `combine(diff, static)` (diff: the model's
+    and the batch's float arrays); ys, status, steps."""
+    model, batch = eqx.combine(diff, static)
+    prep = kernel._prepare(model, batch, options)
+    res = run_kernel(model, batch.theta, prep, **kernel._settings(options),
+                     active=batch.active)
+    mask = batch.batched_save_times()[1]
+    return (jnp.where(mask[..., None], res["states"], 0.0), res["status"], res["steps"],
+            prep.ts)
+
+
+@_reverse_kernel.def_fwd
+def _reverse_kernel_fwd(perturbed, diff, static, kernel, options):
+    return _reverse_kernel(diff, static, kernel, options), None
+
+
+@_reverse_kernel.def_bwd
+def _reverse_kernel_bwd(residuals, grad_obj, perturbed, diff, static, kernel, options):
+    # the pullback of the same integrator on arrays (the ensemble backend takes the same
+    # steps and gives the same states): recomputed, reverse mode through its
+    # checkpointed loop
+    def ys_of(d):
+        model, batch = eqx.combine(d, static)
+        return solve_on_arrays(model, batch, options).ys
+
+    _, pullback = jax.vjp(ys_of, diff)
+    return pullback(grad_obj[0])[0]
+
+
+def _reverse_solve(kernel: Kernel, model, batch: Batch, options) -> Solution:
+    """The kernel's solve, reverse-mode differentiable with respect to all float arrays of
+    the model and the batch: the forward pass runs in the kernel, the pullback is the
+    ensemble backend's reverse mode through the same integrator (same steps, same
+    states), so `jax.grad` is the exact derivative of what the kernel computed."""
+    diff, static = eqx.partition((model, batch), eqx.is_inexact_array)
+    ys, status, steps, ts = _reverse_kernel(diff, static, kernel, options)
+    return Solution(ts=ts, ys=ys, mask=batch.batched_save_times()[1], status=status,
+                    num_steps=steps)
 
 
 def lower_for_cuda(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):

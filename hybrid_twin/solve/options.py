@@ -9,6 +9,7 @@ import logging
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 from ..models.base import MechanisticModel
 from ._core import Method, StepSizeController, Tsit5, as_method
@@ -31,7 +32,16 @@ class Auto(eqx.Module):
     ensemble: Ensemble = eqx.field(static=True, default=Ensemble())
     name = "auto"
 DIFFERENTIATION = ("forward", "reverse")
+PRECISIONS = ("auto", "float32", "float64")
+FLOAT32_MIN_RTOL = 1e-6
+"""The tightest relative tolerance a float32 solve is run with (`SolverOptions.for_dtype`)."""
 logger = logging.getLogger("hybrid_twin")
+
+
+def default_platform() -> str:
+    """The default JAX device's platform ("cpu", "gpu", "tpu"): what "auto" settings
+    choose for."""
+    return jax.default_backend()
 
 
 def as_backend(backend: Backend | Auto | str) -> Backend | Auto:
@@ -60,6 +70,13 @@ class SolverOptions(eqx.Module):
         backend: `Diffrax(save_chunk)` (default), `Ensemble()`, `Kernel(block, warps)`,
             `Auto(...)` (the kernel on a GPU when the model lowers to it, otherwise diffrax;
             see `resolved`), or a backend's name.
+        precision: the float dtype every solve and fit runs in: "float32", "float64",
+            "auto" (float32 on a GPU, where the kernel's lanes are 32-bit and float64 runs
+            at a fraction of the speed; float64 on a CPU when `jax_enable_x64` is on), or
+            None (the default: the dtype of the inputs). Parameters, schedules,
+            observation times and data are cast to it at the `simulate` /
+            `normal_equations` / `calibrate` boundary, so the kernels are traced in it
+            whatever x64 makes of Python floats.
     """
 
     method: Method = eqx.field(static=True, default=Tsit5(), converter=as_method)
@@ -67,8 +84,12 @@ class SolverOptions(eqx.Module):
     max_steps: int = eqx.field(static=True, default=4096)
     differentiation: str | None = eqx.field(static=True, default=None)
     backend: Backend | Auto = eqx.field(static=True, default=Diffrax(), converter=as_backend)
+    precision: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self) -> None:
+        if self.precision not in (None, *PRECISIONS):
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got "
+                             f"{self.precision!r}")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.differentiation not in (None, *DIFFERENTIATION):
@@ -112,6 +133,30 @@ class SolverOptions(eqx.Module):
                 return dataclasses.replace(self, backend=auto.diffrax)
         return dataclasses.replace(self, backend=auto.kernel)
 
+    def dtype(self) -> jnp.dtype | None:
+        """The float dtype of `precision` on the default JAX device (None: the inputs')."""
+        if self.precision is None:
+            return None
+        if self.precision == "auto":
+            if default_platform() == "gpu" or not jax.config.jax_enable_x64:
+                return jnp.dtype(jnp.float32)
+            return jnp.dtype(jnp.float64)
+        if self.precision == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError('precision "float64" needs jax_enable_x64 '
+                             '(jax.config.update("jax_enable_x64", True))')
+        return jnp.dtype(self.precision)
+
+    def for_dtype(self, dtype) -> SolverOptions:
+        """The options for a solve in `dtype`: in float32 a relative tolerance below
+        `FLOAT32_MIN_RTOL` cannot be met (rounding alone is ~1e-7 per step) and is raised to
+        it, as the absolute tolerance to `FLOAT32_MIN_RTOL` times its ratio to rtol."""
+        c = self.controller
+        if jnp.dtype(dtype) != jnp.float32 or c.rtol >= FLOAT32_MIN_RTOL:
+            return self
+        k = FLOAT32_MIN_RTOL / c.rtol
+        return dataclasses.replace(self, controller=dataclasses.replace(
+            c, rtol=FLOAT32_MIN_RTOL, atol=c.atol * k))
+
     def for_gradients(self) -> SolverOptions:
         """The options a gradient-based fit needs: on the diffrax backend the step is
         capped at the observation spacing unless a cap is set (steady-state
@@ -124,6 +169,7 @@ class SolverOptions(eqx.Module):
 
 DEFAULT = SolverOptions()
 EXPERIMENT_DEFAULT = SolverOptions(controller=StepSizeController(rtol=1e-8, atol=1e-10),
-                                   backend=Ensemble())
+                                   backend=Ensemble(), precision="auto")
 """The options of calibration and of experiment configs unless they say otherwise: the
-ensemble backend with tight tolerances (forward-mode Jacobians stay accurate)."""
+ensemble backend with tight tolerances (forward-mode Jacobians stay accurate), precision
+"auto" (float32 on a GPU, float64 on a CPU with x64)."""
