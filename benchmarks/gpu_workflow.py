@@ -162,7 +162,8 @@ def bench_calibration(args: argparse.Namespace, work: Path) -> Iterator[dict[str
 def bench_kernel_compile(args: argparse.Namespace, work: Path) -> Iterator[dict[str, Any]]:
     """`kernel_compile` lines: seconds to lower and compile each kernel a calibration and a
     prediction use (Gauss–Newton with 5 free-parameter directions, and the forward solve;
-    Tsit5 and RK4), float32, N patients, without the persistent cache."""
+    Tsit5 and RK4, stages unrolled and rolled: `Kernel(roll_stages=...)`), float32, N
+    patients, and the first run's seconds (run directly, without the persistent cache)."""
     import jax
 
     from benchmarks.common import glucose_day_cohort
@@ -176,9 +177,12 @@ def bench_kernel_compile(args: argparse.Namespace, work: Path) -> Iterator[dict[
     data = FitData(np.zeros((n, ts.shape[0]), np.float32), np.ones((n, ts.shape[0]),
                                                                     np.float32),
                    np.zeros((n, ts.shape[0]), np.int32))
-    for method in ("tsit5", "rk4"):
+    from hybrid_twin.solve import Kernel
+
+    for method, roll in (("tsit5", False), ("tsit5", True), ("rk4", False), ("rk4", True)):
         opts = SolverOptions(method=RK4(1.0) if method == "rk4" else method,
-                             backend="kernel", controller=_controller(), max_steps=20_000)
+                             backend=Kernel(roll_stages=roll), controller=_controller(),
+                             max_steps=20_000)
         for what, fn in (
             ("gauss_newton", lambda th: normal_equations(model, th, dirs, sched, ts, None,
                                                          data, options=opts)),
@@ -189,7 +193,8 @@ def bench_kernel_compile(args: argparse.Namespace, work: Path) -> Iterator[dict[
             compile_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(theta))
-            yield {"bench": "kernel_compile", "kernel": what, "method": method, "n": n,
+            yield {"bench": "kernel_compile", "kernel": what, "method": method,
+                   "roll_stages": roll, "n": n,
                    "compile_s": compile_s, "first_run_s": time.perf_counter() - t0}
 
 

@@ -21,6 +21,7 @@ every 5 min, float32). One JSON line per figure set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import jax
@@ -129,7 +130,8 @@ def main(argv=None):
     def solve(th, sc, opts):
         return kernel_module.run_kernel(model, th, prepare(model, batch(th, sc)),
                                         method=opts.method, controller=opts.controller,
-                                        max_steps=opts.max_steps, interpret=False)["states"]
+                                        max_steps=opts.max_steps, interpret=False,
+                                        roll_stages=opts.backend.roll_stages)["states"]
 
     def gauss_newton(th, sc, opts):
         z = model.to_unconstrained(th)
@@ -138,7 +140,10 @@ def main(argv=None):
         y, w = jnp.full((th.shape[0], m), 110.0, F32), jnp.full((th.shape[0], m), 0.2, F32)
         k = jnp.zeros((th.shape[0], m), jnp.int32)
         b = batch(th, sc, jnp.broadcast_to(ts, (th.shape[0], m)), jnp.ones((th.shape[0], m), bool))
-        return Kernel().normal_equations(model, b, dirs, FitData(y, w, k), opts).h
+        return opts.backend.normal_equations(model, b, dirs, FitData(y, w, k), opts).h
+
+    def rolled(opts):
+        return dataclasses.replace(opts, backend=Kernel(roll_stages=True))
 
     small = jax.tree.map(lambda x: x[:nb], (theta, sched))
     interpret_default = kernel_module.interpret_default
@@ -146,7 +151,10 @@ def main(argv=None):
     try:
         for name, fn, opts in (("solve_rk4", solve, rk4), ("solve_tsit5", solve, tsit5),
                                ("gauss_newton_tsit5", gauss_newton, tsit5),
-                               ("gauss_newton_rk4", gauss_newton, rk4)):
+                               ("gauss_newton_rk4", gauss_newton, rk4),
+                               ("solve_tsit5_rolled", solve, rolled(tsit5)),
+                               ("gauss_newton_tsit5_rolled", gauss_newton, rolled(tsit5)),
+                               ("gauss_newton_rk4_rolled", gauss_newton, rolled(rk4))):
             ir = triton_ir(lambda th, sc, fn=fn, opts=opts: fn(th, sc, opts), *small)
             emit({"benchmark": "kernel_ir", "variant": name, **device_info(),
                   **ir_stats(ir)}, args.out)

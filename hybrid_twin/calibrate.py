@@ -35,7 +35,14 @@ from jax.sharding import Mesh, PartitionSpec
 from .data.cohort import Cohort
 from .models.base import MechanisticModel
 from .schedule import Schedule
-from .simulate import AxisDirections, FitData, SolverOptions, normal_equations, simulate
+from .simulate import (
+    AxisDirections,
+    FitData,
+    SolverOptions,
+    normal_equations,
+    sensitivities,
+    simulate,
+)
 from .solve import EXPERIMENT_DEFAULT
 
 ERROR_KINDS = ("additive", "proportional", "combined")
@@ -111,15 +118,9 @@ class _Problem(eqx.Module):
         """Cost, Gauss–Newton matrix JᵀJ and gradient Jᵀr (data and prior), the data part
         from the backend's normal equations (`simulate.normal_equations`)."""
         theta = self.theta(z, theta_fixed)
-        dirs = None
-        if jac and _elementwise_transform(self.model):
-            # d theta_i / d z_k = 0 for i != k: each direction moves one parameter
-            d = jax.jvp(lambda zz: self.theta(zz, theta_fixed), (z,), (jnp.ones_like(z),))[1]
-            dirs = AxisDirections(self.free_idx, d[:, jnp.asarray(self.free_idx)].T)
-        elif jac:
-            eye = jnp.eye(z.shape[1], dtype=z.dtype)[:, None, :] * jnp.ones_like(z)[None]
-            dirs = jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
-                                              (z,), (t,))[1])(eye)
+        # d theta_i / d z_k = 0 for i != k with elementwise transforms: each direction
+        # moves one parameter
+        dirs = self.directions(z, theta_fixed) if jac else None
         weight = jnp.where(w_mask, 1.0 / sd_frozen, 0.0)
         res = normal_equations(self.model, theta, dirs, schedule, ts, mask,
                                FitData(y, weight, obs_index), options=self.options,
@@ -131,6 +132,33 @@ class _Problem(eqx.Module):
         h = res.h + jax.vmap(jnp.diag)(jnp.broadcast_to(inv_omega ** 2, z.shape))
         g = res.g + inv_omega * r_prior
         return cost, h, g, res.status
+
+    def directions(self, z, theta_fixed):
+        """d theta / d z as sensitivity directions: `AxisDirections` along the free
+        parameters for the base class's elementwise transforms, else (F, N, P)."""
+        if _elementwise_transform(self.model):
+            d = jax.jvp(lambda zz: self.theta(zz, theta_fixed), (z,), (jnp.ones_like(z),))[1]
+            return AxisDirections(self.free_idx, d[:, jnp.asarray(self.free_idx)].T)
+        eye = jnp.eye(z.shape[1], dtype=z.dtype)[:, None, :] * jnp.ones_like(z)[None]
+        return jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
+                                          (z,), (t,))[1])(eye)
+
+    def jacobian(self, z, theta_fixed, schedule, ts, mask, obs_index):
+        """Predictions (N, M) and their Jacobian with respect to z (N, M, F), from the
+        backend's sensitivities along the free parameters only."""
+        theta = self.theta(z, theta_fixed)
+        dirs = self.directions(z, theta_fixed)
+        sol, sens = sensitivities(self.model, theta, dirs, schedule, ts, mask,
+                                  options=self.options, has_infusions=self.has_infusions)
+        dense = dirs.dense(self.model.n_params) if isinstance(dirs, AxisDirections) else dirs
+
+        def observed(ys, th):
+            return eqx.tree_at(lambda s: s.ys, sol, ys).observed(self.model, th, obs_index)
+
+        f = observed(sol.ys, theta)
+        cols = jax.vmap(lambda sk, dk: jax.jvp(observed, (sol.ys, theta), (sk, dk))[1],
+                        in_axes=(2, 0))(sens.astype(sol.ys.dtype), dense.astype(theta.dtype))
+        return f, jnp.moveaxis(cols, 0, -1)
 
     def theta(self, z, theta_fixed):
         full = self.model.to_unconstrained(theta_fixed)
@@ -162,19 +190,6 @@ def _elementwise_transform(model: MechanisticModel) -> bool:
     """Whether the model maps fitting space to parameters column by column (the base
     class's per-parameter log/logit transforms, not overridden)."""
     return type(model).from_unconstrained is MechanisticModel.from_unconstrained
-
-
-def _jacobian(fn: Callable, z: jax.Array):
-    """Batched forward-mode Jacobian of fn: (N, F) -> (N, R); returns (r, J (N, R, F)).
-
-    One `jax.jvp` vmapped over the F unit tangents: the primal solve is shared and the F
-    sensitivity directions are carried through the same solver loop.
-    """
-    f_dim = z.shape[1]
-    tangents = jnp.eye(f_dim, dtype=z.dtype)[:, None, :] * jnp.ones_like(z)[None]
-    r = fn(z)
-    cols = jax.vmap(lambda t: jax.jvp(fn, (z,), (t,))[1])(tangents)
-    return r, jnp.moveaxis(cols, 0, -1)
 
 
 class _LM(NamedTuple):
@@ -494,12 +509,8 @@ def predict_with_intervals(
     options = _forward(options, model)
     free_idx = tuple(model.index("param", n) for n in result.free)
     problem = _Problem(model, free_idx, options, schedule.has_infusions())
-    theta_fixed = result.params
-
-    def pred(zz):
-        return problem.predict(zz, theta_fixed, schedule, save_ts, save_mask, obs_index)[0]
-
-    f, jac = _jacobian(pred, result.z)
+    f, jac = problem.jacobian(result.z, result.params, schedule, save_ts, save_mask,
+                              obs_index)
     var = jnp.einsum("nmf,nfg,nmg->nm", jac, result.cov_z, jac)
     if include_residual:
         var = var + result.error_model.sd(f) ** 2

@@ -39,7 +39,7 @@ from .solve import (
 )
 
 __all__ = ["AxisDirections", "FitData", "NormalEquations", "Solution", "SolverOptions",
-           "Status", "normal_equations", "simulate"]
+           "Status", "normal_equations", "sensitivities", "simulate"]
 
 
 @eqx.filter_jit
@@ -133,6 +133,40 @@ def normal_equations(
     elif directions is not None:
         directions = jnp.asarray(directions, dtype)
     return _normal_compiled(model, batch, directions, data, options)
+
+
+def sensitivities(
+    model: MechanisticModel,
+    params: Any,
+    directions: Any,
+    schedule: Schedule,
+    save_ts: Any,
+    save_mask: Any = None,
+    *,
+    t0: float = 0.0,
+    options: SolverOptions | None = None,
+    has_infusions: bool | None = None,
+) -> tuple[Solution, jax.Array]:
+    """The batched solve and its forward sensitivities along `directions` only ((K, N, P)
+    parameter tangents or `AxisDirections`): d states / d direction at the save slots,
+    (N, M, K, S) (the kernel integrates just these K directions, not one per parameter).
+    Arguments otherwise as `simulate`'s, batched."""
+    options = (options or DEFAULT).resolved(model)
+    batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions,
+                           options.dtype())
+    if single:
+        raise ValueError("sensitivities: params must be batched, (N, n_params)")
+    options = options.for_dtype(batch.dtype)
+    if isinstance(directions, AxisDirections):
+        directions = directions._replace(scale=jnp.asarray(directions.scale, batch.dtype))
+    else:
+        directions = jnp.asarray(directions, batch.dtype)
+    return _sens_compiled(model, batch, directions, options)
+
+
+@eqx.filter_jit
+def _sens_compiled(model, batch, directions, options):
+    return options.backend.sensitivities(model, batch, directions, options)
 
 
 @eqx.filter_jit

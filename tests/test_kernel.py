@@ -332,6 +332,7 @@ class StackedElimination(TwoCompartment):
 
 def test_auto_backend_falls_back_for_models_the_kernel_cannot_take(monkeypatch, caplog):
     from hybrid_twin.solve import kernel_support
+    from hybrid_twin.solve import options as options_mod
 
     model = BergmanMinimal()
     assert kernel_support(model) is None
@@ -429,3 +430,68 @@ def test_block_size_follows_the_batch():
     assert default_block(60, n_sm=132) == 32
     assert default_block(132 * 64, n_sm=132) == 64
     assert default_block(100_000, n_sm=132) == 128
+
+
+@pytest.mark.parametrize("backend", ["kernel", "ensemble"])
+def test_prediction_jacobian_differentiates_along_the_free_parameters_only(backend,
+                                                                          monkeypatch):
+    """`predict_with_intervals`' Jacobian comes from sensitivities along the F free
+    parameters (the kernel integrates F directions, not one per parameter) and equals
+    `jax.jacfwd` of the prediction."""
+    from hybrid_twin.calibrate import _Problem
+    from hybrid_twin.solve import kernel as kernel_mod
+
+    model, theta, sched, ts = glucose_cohort(3, seed=4)
+    ts = ts[:120]
+    free = ("p1", "p3", "Gb")
+    idx = tuple(model.index("param", f) for f in free)
+    opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12),
+                         backend=backend, differentiation="forward")
+    problem = _Problem(model, idx, opts, False)
+    z = model.to_unconstrained(theta)[:, jnp.asarray(idx)]
+    ks = []
+    real = kernel_mod.run_kernel
+
+    def spy(*a, **kw):
+        d = kw.get("directions")
+        ks.append(None if d is None else len(d.index))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernel_mod, "run_kernel", spy)
+    obs = jnp.zeros((3, ts.shape[0]), jnp.int32)
+    mask = jnp.ones((3, ts.shape[0]), bool)
+    f, jac = problem.jacobian(z, theta, sched, jnp.broadcast_to(ts, (3, ts.shape[0])), mask,
+                              obs)
+    if backend == "kernel":
+        assert ks == [3]
+    monkeypatch.undo()
+
+    def pred(zz):
+        return problem.predict(zz, theta, sched, jnp.broadcast_to(ts, (3, ts.shape[0])),
+                               mask, obs)[0]
+
+    ref = jax.vmap(lambda t: jax.jvp(pred, (z,), (t,))[1])(
+        jnp.eye(3)[:, None, :] * jnp.ones_like(z)[None])
+    # (the sensitivities are in the error norm, so the steps differ a little)
+    np.testing.assert_allclose(np.asarray(f), np.asarray(pred(z)), rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(jnp.moveaxis(ref, 0, -1)),
+                               rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_rolled_stages_take_the_same_steps():
+    """`Kernel(roll_stages=True)` (the stages as a loop: less code to compile) takes the
+    same steps and gives the unrolled kernel's states and sensitivities to rounding."""
+    from hybrid_twin.solve import Kernel
+
+    model, theta, sched, ts = glucose_cohort(4, seed=2)
+    def run(roll):
+        opts = SolverOptions(backend=Kernel(roll_stages=roll), max_steps=20_000,
+                             controller=StepSizeController(rtol=1e-8, atol=1e-10))
+        sol = simulate(model, theta, sched, ts[:100], options=opts)
+        jac = jax.jacfwd(lambda th: simulate(model, th, sched, ts[:100],
+                                             options=opts).ys[:, -1, 0].sum())(theta)
+        return sol, jac
+
+    (a, ja), (b, jb) = run(False), run(True)
+    np.testing.assert_array_equal(np.asarray(a.num_steps), np.asarray(b.num_steps))
+    assert rel_err(b.ys, a.ys) < 1e-12 and rel_err(jb, ja) < 1e-10

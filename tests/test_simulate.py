@@ -275,9 +275,19 @@ def test_backends_refuse_what_they_cannot_honour():
     with pytest.raises(ValueError, match="ensemble backend runs tsit5, dopri5, rk4 only, "
                                          "not kvaerno5"):
         SolverOptions(method="kvaerno5", backend="ensemble")
-    with pytest.raises(ValueError, match="ensemble backend differentiates in forward mode "
-                                         "only, not reverse"):
-        SolverOptions(backend="ensemble", differentiation="reverse")
+    from typing import ClassVar
+
+    from hybrid_twin.solve import Ensemble
+
+    class ForwardOnly(Ensemble):  # a backend that declares forward mode only
+        name: ClassVar[str] = "forward_only"
+        differentiation: ClassVar[tuple[str, ...]] = ("forward",)
+
+    with pytest.raises(ValueError, match="forward_only backend differentiates in forward "
+                                         "mode only, not reverse"):
+        SolverOptions(backend=ForwardOnly(), differentiation="reverse")
+    with pytest.raises(ValueError, match="differentiation must be one of"):
+        SolverOptions(differentiation="adjoint")
     with pytest.raises(ValueError, match="diffrax backend runs tsit5, dopri5, kvaerno5 only"):
         SolverOptions(method=RK4(1.0))
 

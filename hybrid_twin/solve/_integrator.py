@@ -133,6 +133,45 @@ def rk_step(field: Callable, tab: Tableau, t, y: Sequence, h, k1=None):
     return new, err, ks[-1]
 
 
+def rk_step_rolled(field: Callable, tab: Tableau, t, y: Sequence, h, k1=None):
+    """`rk_step` with the stages 2..s as one `lax.fori_loop` instead of unrolled: the
+    vector field (and its sensitivity directions) is traced once, not once per stage, so
+    a kernel with many stages and sensitivities is a fraction of the code to compile. Each
+    stage sums over all s earlier-stage slots with the tableau row picked by the stage
+    index (zeros beyond the row)."""
+    n_y, s = len(y), len(tab.b_sol)
+    a_full = np.zeros((s, s))
+    for j, a in enumerate(tab.a_lower):
+        a_full[j + 1, :len(a)] = a
+    c_full = np.concatenate([[0.0], np.asarray(tab.c, float)])
+
+    def pick_row(values, j):
+        out = jnp.zeros((), h.dtype)
+        for jj in range(1, s):
+            if values[jj] != 0:
+                out = jnp.where(j == jj, float(values[jj]), out)
+        return out
+
+    def stage(j, ks):
+        a_j = [pick_row(a_full[:, q], j) for q in range(s - 1)]
+        yj = [y[i] + h * functools.reduce(operator.add, [a_j[q] * ks[q][i]
+                                                           for q in range(s - 1)])
+              for i in range(n_y)]
+        kj = field(t + pick_row(c_full, j) * h, yj)
+        return [[jnp.where(j == q, kj[i], ks[q][i]) for i in range(n_y)] for q in range(s)]
+
+    first = field(t, y) if k1 is None else k1
+    ks0 = [list(first)] + [[jnp.zeros_like(v) for v in y] for _ in range(s - 1)]
+    ks = jax.lax.fori_loop(1, s, stage, ks0)
+    new = [y[i] + h * sum(float(tab.b_sol[q]) * ks[q][i] for q in range(s)
+                          if tab.b_sol[q] != 0) for i in range(n_y)]
+    err = None
+    if tab.b_error is not None:
+        err = [h * sum(float(tab.b_error[q]) * ks[q][i] for q in range(s)
+                       if tab.b_error[q] != 0) for i in range(n_y)]
+    return new, err, ks[-1]
+
+
 def error_norm(ctrl: StepSizeController, y: Sequence, y_new: Sequence, err: Sequence):
     """RMS over components of err / (atol + rtol max(|y|, |y_new|)), per lane."""
     terms = [(e / (ctrl.atol + ctrl.rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)))) ** 2
@@ -178,7 +217,7 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
               controller: StepSizeController, max_steps: int, n_slots: int,
               axis_index: tuple[int, ...] | None = None, k_dim: int = 0,
               write: Callable[[Any, list, Any], Any] | None = None, out: Any = None,
-              loop: str = "lax", emit: bool = False) -> Walked:
+              loop: str = "lax", emit: bool = False, roll_stages: bool = False) -> Walked:
     """Walk every lane from t0 through its save slots (see the module docstring).
 
     Args:
@@ -197,11 +236,14 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
             lowers) or "checkpointed" (reverse mode, on arrays).
         emit: return the states after every slot as `out`, (M, S, L), from a `lax.scan`
             (instead of `write`; what reverse mode needs: no output carried).
+        roll_stages: the Runge–Kutta stages as a loop (`rk_step_rolled`: less code to
+            compile) instead of unrolled.
 
     Returns `Walked`: status and steps (L,), the normal equations (when `src.y_obs` is
     given) and the final `out`.
     """
     tab = method.tableau()
+    step_fn = rk_step_rolled if roll_stages else rk_step
     adaptive = tab.b_error is not None
     fsal = adaptive and tab.fsal
     s_dim = model.n_states
@@ -341,7 +383,7 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
                 t_next = c.t_seg + (c.steps - c.steps_seg + 1).astype(dtype) * c.h
                 clipped = t_next >= t_ev - tol
                 h_try = jnp.where(active, jnp.where(clipped, gap, t_next - c.t), 1.0)
-            new, err, k_last = rk_step(seg_field(c.seg), tab, c.t, c.y, h_try,
+            new, err, k_last = step_fn(seg_field(c.seg), tab, c.t, c.y, h_try,
                                        c.k1 if fsal else None)
             finite = jnp.ones((lanes,), bool)
             for v in new:

@@ -87,6 +87,22 @@ class Backend(eqx.Module):
         """Solve the batch; a `Solution` with leading axis N."""
         raise NotImplementedError
 
+    def sensitivities(self, model: MechanisticModel, batch: Batch,
+                      directions: jax.Array | AxisDirections, options
+                      ) -> tuple[Solution, jax.Array]:
+        """The solve and d states / d direction at the save slots, (N, M, K, S), along
+        `directions` ((K, N, P) or `AxisDirections`), here by one `jax.jvp` of `solve` per
+        direction (batched by `vmap`, the primal shared)."""
+        if isinstance(directions, AxisDirections):
+            directions = directions.dense(model.n_params)
+        sol = self.solve(model, batch, options)
+
+        def ys(theta):
+            return self.solve(model, eqx.tree_at(lambda b: b.theta, batch, theta), options).ys
+
+        sens = jax.vmap(lambda d: jax.jvp(ys, (batch.theta,), (d,))[1])(directions)
+        return sol, jnp.moveaxis(sens, 0, 2)
+
     def normal_equations(self, model: MechanisticModel, batch: Batch,
                          directions: jax.Array | AxisDirections | None, data: FitData,
                          options) -> NormalEquations:

@@ -72,7 +72,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
                want_states: bool = True, want_sens: bool = False,
                block: int | None = None, interpret: bool | None = None,
                num_warps: int | None = None, save_states: tuple[int, ...] | None = None,
-               active: jax.Array | None = None) -> dict[str, Any]:
+               active: jax.Array | None = None, roll_stages: bool = False
+               ) -> dict[str, Any]:
     """Run the fused solve.
 
     Args:
@@ -94,6 +95,8 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
         block: patients per program (default `default_block(N)` on GPU, the whole batch
             rounded up to a power of two, at most 1024, in interpret mode).
         num_warps: warps per program on GPU (default one per 32 patients, at most 4).
+        roll_stages: the Runge–Kutta stages as a loop in the kernel (less code for Triton
+            to compile; see `Kernel.roll_stages`).
 
     Returns a dict with "status", "steps" (N,) and as requested "states", "sens", "H"
     (N, K, K), "g" (N, K), "cost" (N,).
@@ -179,7 +182,7 @@ def run_kernel(model: MechanisticModel, theta: jax.Array, prep: Prepared, *,
         walked = integrate(m, src, lanes=block, dtype=dtype, method=method,
                            controller=controller, max_steps=max_steps,
                            n_slots=m_dim, axis_index=directions.index if axis_dirs else None,
-                           k_dim=k_dim, write=write)
+                           k_dim=k_dim, write=write, roll_stages=roll_stages)
         if data is not None:
             for a, v in enumerate(walked.normal.h):
                 out["H"][a] = v
@@ -252,6 +255,11 @@ class Kernel(Backend):
             `default_block(N)`, 32 to 128 by the batch size; the whole batch in interpret
             mode).
         warps: warps per program on a GPU (default one per 32 patients, at most 4).
+        roll_stages: trace the Runge–Kutta stages as a loop, the vector field and its
+            sensitivities once instead of once per stage: a Tsit5 Gauss–Newton kernel has
+            a fraction of the unrolled one's code (`python -m benchmarks.kernel_ir`), which
+            is what Triton's compile time grows with; its run time on a GPU against the
+            unrolled kernel is measured by `benchmarks.gpu_workflow` (kernel_compile).
     """
 
     name: ClassVar[str] = "kernel"
@@ -261,6 +269,7 @@ class Kernel(Backend):
     differentiates_model: ClassVar[bool] = True  # reverse mode (see `solve`)
     block: int | None = eqx.field(static=True, default=None)
     warps: int | None = eqx.field(static=True, default=None)
+    roll_stages: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self) -> None:
         if self.block is not None and (self.block < 1 or self.block & (self.block - 1)):
@@ -270,7 +279,8 @@ class Kernel(Backend):
 
     def _settings(self, options) -> dict:
         return dict(method=options.method, controller=options.controller,
-                    max_steps=options.max_steps, block=self.block, num_warps=self.warps)
+                    max_steps=options.max_steps, block=self.block, num_warps=self.warps,
+                    roll_stages=self.roll_stages)
 
     def _prepare(self, model, batch: Batch, options) -> Prepared:
         return prepare(model, batch, obs_cap=options.controller.dtmax == "obs")
@@ -319,6 +329,18 @@ class Kernel(Backend):
         states.defjvp(states_jvp, symbolic_zeros=True)
         ys, status, steps = states(batch.theta, arrays, prep, mask, batch.active)
         return Solution(ts=prep.ts, ys=ys, mask=mask, status=status, num_steps=steps)
+
+    def sensitivities(self, model: MechanisticModel, batch: Batch,
+                      directions: jax.Array | AxisDirections, options
+                      ) -> tuple[Solution, jax.Array]:
+        """States and sensitivities along `directions` only, from one kernel."""
+        prep = self._prepare(model, batch, options)
+        res = run_kernel(model, batch.theta, prep, **self._settings(options),
+                         directions=directions, want_sens=True, active=batch.active)
+        mask = batch.batched_save_times()[1]
+        sol = Solution(ts=prep.ts, ys=jnp.where(mask[..., None], res["states"], 0.0),
+                       mask=mask, status=res["status"], num_steps=res["steps"])
+        return sol, jnp.where(mask[..., None, None], res["sens"], 0.0)
 
     def normal_equations(self, model: MechanisticModel, batch: Batch,
                          directions: jax.Array | AxisDirections | None, data: FitData,

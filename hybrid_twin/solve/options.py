@@ -114,7 +114,7 @@ class SolverOptions(eqx.Module):
         if method not in Kernel.methods:
             logger.info("backend auto: diffrax (the kernel runs explicit methods only)")
             return dataclasses.replace(self, backend=auto.diffrax)
-        if jax.default_backend() != "gpu":
+        if default_platform() != "gpu":
             if method not in Diffrax.methods:
                 logger.info("backend auto: ensemble (%s runs on the ensemble and kernel "
                             "backends)", method)
