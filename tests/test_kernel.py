@@ -432,12 +432,11 @@ def test_block_size_follows_the_batch():
     assert default_block(100_000, n_sm=132) == 128
 
 
-@pytest.mark.parametrize("backend", ["kernel", "ensemble"])
-def test_prediction_jacobian_differentiates_along_the_free_parameters_only(backend,
-                                                                          monkeypatch):
+def test_prediction_jacobian_differentiates_along_the_free_parameters_only(monkeypatch):
     """`predict_with_intervals`' Jacobian comes from sensitivities along the F free
     parameters (the kernel integrates F directions, not one per parameter) and equals
-    `jax.jacfwd` of the prediction."""
+    `jax.jacfwd` of the prediction. (The other backends' generic path is that of
+    `predict_with_intervals` in tests/test_calibrate.py.)"""
     from hybrid_twin.calibrate import _Problem
     from hybrid_twin.solve import kernel as kernel_mod
 
@@ -446,7 +445,7 @@ def test_prediction_jacobian_differentiates_along_the_free_parameters_only(backe
     free = ("p1", "p3", "Gb")
     idx = tuple(model.index("param", f) for f in free)
     opts = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12),
-                         backend=backend, differentiation="forward")
+                         backend="kernel", differentiation="forward")
     problem = _Problem(model, idx, opts, False)
     z = model.to_unconstrained(theta)[:, jnp.asarray(idx)]
     ks = []
@@ -462,8 +461,7 @@ def test_prediction_jacobian_differentiates_along_the_free_parameters_only(backe
     mask = jnp.ones((3, ts.shape[0]), bool)
     f, jac = problem.jacobian(z, theta, sched, jnp.broadcast_to(ts, (3, ts.shape[0])), mask,
                               obs)
-    if backend == "kernel":
-        assert ks == [3]
+    assert ks == [3]
     monkeypatch.undo()
 
     def pred(zz):

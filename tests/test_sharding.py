@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 CODE = textwrap.dedent("""
     import json, jax, numpy as np
@@ -22,21 +23,26 @@ CODE = textwrap.dedent("""
         out[backend] = np.asarray(sol.ys[..., 0]).tolist()
         out[backend + "_status"] = np.asarray(sol.status).tolist()
         out[backend + "_sharding"] = str(sol.ys.sharding) if hasattr(sol.ys, "sharding") else ""
-    print(json.dumps(out))
 """)
 
 
-def run(devices: int, code: str = CODE) -> dict:
+def run(devices: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", CODE + FIT], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_sharded_equals_single_device():
-    one, four = run(1), run(4)
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict, dict]:
+    """One subprocess per device count runs every check (simulate, calibrate, train)."""
+    return run(1), run(4)
+
+
+def test_sharded_equals_single_device(runs):
+    one, four = runs
     assert one["devices"] == 1 and four["devices"] == 4
     for backend in ("diffrax", "ensemble", "kernel"):
         assert four[backend + "_status"] == [0] * 10
@@ -45,8 +51,6 @@ def test_sharded_equals_single_device():
 
 
 FIT = textwrap.dedent("""
-    import json, jax, numpy as np
-    jax.config.update("jax_enable_x64", True)
     from hybrid_twin import SolverOptions
     from hybrid_twin.calibrate import ErrorModel, calibrate
     from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
@@ -58,7 +62,6 @@ FIT = textwrap.dedent("""
                         obs_times=(0.5, 1, 2, 4, 6, 8, 12, 24))
     vc = virtual_cohort(model, 10, schedule=spec, seed=5,
                         noise=NoiseModel("additive", additive_sd=0.3))
-    out = {"devices": jax.local_device_count()}
     opts = SolverOptions(backend="ensemble")
     # an additive error model, estimated: the sharded LM loop and the pooled re-estimate
     res = calibrate(model, vc.cohort, error_model=ErrorModel("additive", 0.5), options=opts)
@@ -81,11 +84,11 @@ FIT = textwrap.dedent("""
 """)
 
 
-def test_sharded_calibration_and_training_equal_single_device():
+def test_sharded_calibration_and_training_equal_single_device(runs):
     """Calibration (its whole LM loop per device) and population training (the
     mini-batch split over the devices, gradients summed) on 4 host devices give the
     single-device results; 10 patients and batches of 3 do not divide by 4."""
-    one, four = run(1, FIT), run(4, FIT)
+    one, four = runs
     assert one["devices"] == 1 and four["devices"] == 4
     assert all(four["conv"]) and four["conv"] == one["conv"]
     assert np.all(np.isfinite(np.array(one["z"]))) and np.all(np.isfinite(one["train"]))
