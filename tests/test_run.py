@@ -57,6 +57,7 @@ def record_solves(monkeypatch) -> list:
 
     monkeypatch.setattr(sim, "_solve_compiled", recorded(sim._solve_compiled))
     monkeypatch.setattr(sim, "_normal_compiled", recorded(sim._normal_compiled))
+    monkeypatch.setattr(sim, "_sens_compiled", recorded(sim._sens_compiled))
     monkeypatch.setattr(runner, "solver_options", lambda cfg: dataclasses.replace(
         solver_options(cfg), backend=recording(solver_options(cfg).backend)))
     return asked
