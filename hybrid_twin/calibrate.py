@@ -69,9 +69,9 @@ class ErrorModel:
             raise ValueError("ErrorModel.proportional must be > 0")
 
     def sd(self, f):
-        a = self.additive if self.kind in ("additive", "combined") else 0.0
-        b = self.proportional if self.kind in ("proportional", "combined") else 0.0
-        return jnp.sqrt(a * a + (b * f) ** 2 + 1e-300)
+        f = jnp.asarray(f)
+        return _error_sd(self.kind, jnp.asarray([self.additive, self.proportional], f.dtype),
+                         f)
 
     def scaled(self, k: float) -> ErrorModel:
         return dataclasses.replace(self, additive=self.additive * k,
@@ -172,9 +172,13 @@ class _Problem(eqx.Module):
         return sol.observed(self.model, theta, obs_index), sol.status
 
 
-def _fit_dtype(cohort: Cohort):
-    """The float dtype of a cohort's observations (the default float if they are not
-    floating point)."""
+def fit_dtype(cohort: Cohort, options: SolverOptions | None = None) -> jnp.dtype:
+    """The float dtype a fit of `cohort` runs in (and its results come in): the options'
+    `precision` (default `EXPERIMENT_DEFAULT`'s), else that of the cohort's observations
+    (the default float if they are not floating point)."""
+    policy = (options or EXPERIMENT_DEFAULT).dtype()
+    if policy is not None:
+        return policy
     dtype = jnp.asarray(cohort.obs_values).dtype
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
@@ -210,6 +214,8 @@ def _error_sd(kind: str, scale: jax.Array, f: jax.Array) -> jax.Array:
     error scale does not recompile the loop."""
     a = scale[0] if kind in ("additive", "combined") else 0.0
     b = scale[1] if kind in ("proportional", "combined") else 0.0
+    # the smallest normal number of f's dtype keeps sd > 0 where f = 0 (1e-300 would
+    # round to 0 in float32)
     return jnp.sqrt(a * a + (b * f) ** 2 + jnp.finfo(f.dtype).tiny)
 
 
@@ -363,7 +369,7 @@ def calibrate(
     n = cohort.n_patients
     # the fit runs in the options' precision, else in the cohort's dtype (a float32 cohort
     # is fitted in float32, not in whatever jax_enable_x64 makes of the Python floats here)
-    dtype = options.dtype() or _fit_dtype(cohort)
+    dtype = fit_dtype(cohort, options)
     # each patient's typical values: the population's, moved by its covariates when the
     # model has a covariate network
     typical_i = jnp.asarray(model.individual_typical(
@@ -463,7 +469,18 @@ def calibrate(
                     jnp.where(take, cand[2], best[2]),
                     jnp.where(take[:, None, None], cand[3], best[3]),
                     max(cand[4], best[4]))
-    z, cost, conv, h, n_it = best
+    z, cost, conv, _, n_it = best
+    # the Laplace approximation at the estimates (the loop's last matrices are those before
+    # each patient's last accepted step)
+    ts = jnp.asarray(cohort.obs_times, dtype)
+    if em.kind == "additive":
+        sd = jnp.full(y.shape, em.additive, dtype)
+    else:
+        sd = em.sd(problem.predict(z, theta_fixed, cohort.schedule, ts, cohort.obs_mask,
+                                   cohort.obs_index)[0])
+    _, h, _, _ = problem.normal(z, theta_fixed, cohort.schedule, ts, cohort.obs_mask,
+                                cohort.obs_index, y, w_mask, sd, z_pop, inv_omega, jac=True)
+    h = jnp.where(jnp.all(jnp.isfinite(h), axis=(1, 2))[:, None, None], h, 0.0)
     cov = jnp.linalg.inv(h + 1e-12 * jnp.eye(h.shape[-1], dtype=dtype))
     sd_z = jnp.sqrt(jnp.clip(jnp.diagonal(cov, axis1=1, axis2=2), 0.0))
     corr = cov / (sd_z[:, :, None] * sd_z[:, None, :] + jnp.finfo(dtype).tiny)

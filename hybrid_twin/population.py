@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._atomic import atomic_open, atomic_write_text
-from .calibrate import ErrorModel, calibrate
+from .calibrate import ErrorModel, calibrate, fit_dtype
 from .models.base import MechanisticModel
 from .simulate import SolverOptions, simulate
 from .solve import EXPERIMENT_DEFAULT, Diffrax
@@ -200,9 +200,10 @@ def train_population(
     optimizer = optax.adam(learning_rate)
     ckpt_exists = checkpoint_dir is not None and (
         Path(checkpoint_dir) / "train_state.eqx").exists()
-    if ckpt_exists:
-        z0 = jnp.zeros((n, len(free)))
-        z_typ0 = omega0 = jnp.zeros((len(free),))
+    if ckpt_exists:  # a template in the dtype the fits (and so the checkpoint) are in
+        dtype = fit_dtype(train, options)
+        z0 = jnp.zeros((n, len(free)), dtype)
+        z_typ0 = omega0 = jnp.zeros((len(free),), dtype)
     else:
         # start every patient at its MAP estimate under the mechanism as it stands, and
         # the population at the mean and spread of those estimates (Laplace EM update)

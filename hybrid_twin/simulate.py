@@ -17,6 +17,7 @@ whose solve fails is flagged in `Solution.status` and leaves the others untouche
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -83,10 +84,12 @@ def simulate(
     Returns:
         `Solution` with states at `save_ts`, per-patient `status` and step counts.
 
-    Differentiable with respect to `params` (diffrax backend: `jax.grad` by default,
-    `jax.jacfwd` with `SolverOptions(differentiation="forward")`; ensemble backend:
-    forward mode; kernel backend: `jax.jvp`, `jax.jacfwd` and `jax.grad` through
-    sensitivities computed in the kernel); jit-compiled.
+    Differentiable (diffrax backend: `jax.grad` by default, `jax.jacfwd` with
+    `SolverOptions(differentiation="forward")`; ensemble backend: forward mode by default,
+    `jax.grad` with `differentiation="reverse"`; kernel backend: `jax.jvp`, `jax.jacfwd`
+    and `jax.grad` with respect to `params` through sensitivities computed in the kernel,
+    and with `differentiation="reverse"` `jax.grad` with respect to everything, the
+    pullback recomputed on arrays); jit-compiled.
     """
     options = (options or DEFAULT).resolved(model)
     batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions,
@@ -150,8 +153,10 @@ def sensitivities(
     """The batched solve and its forward sensitivities along `directions` only ((K, N, P)
     parameter tangents or `AxisDirections`): d states / d direction at the save slots,
     (N, M, K, S) (the kernel integrates just these K directions, not one per parameter).
-    Arguments otherwise as `simulate`'s, batched."""
-    options = (options or DEFAULT).resolved(model)
+    Arguments otherwise as `simulate`'s, batched; the solve is differentiated in forward
+    mode whatever `options.differentiation` says."""
+    options = dataclasses.replace((options or DEFAULT).resolved(model),
+                                  differentiation="forward")
     batch, single = _batch(model, params, schedule, save_ts, save_mask, t0, has_infusions,
                            options.dtype())
     if single:

@@ -125,11 +125,15 @@ def _calibrate_split(path: Path, log, split, model, cohort, **kw):
     import equinox as eqx
     import jax
 
-    from hybrid_twin.calibrate import CalibrationResult, calibrate
+    from hybrid_twin.calibrate import CalibrationResult, calibrate, fit_dtype
 
     if path.exists():
         n, p, f = cohort.n_patients, model.n_params, len(kw["free"])
-        zeros = jax.numpy.zeros
+        dtype = fit_dtype(cohort, kw.get("options"))  # what the checkpoint was written in
+
+        def zeros(shape, dt=dtype):
+            return jax.numpy.zeros(shape, dt)
+
         skeleton = CalibrationResult(
             params=zeros((n, p)), z=zeros((n, f)), cov_z=zeros((n, f, f)), se=zeros((n, p)),
             corr=zeros((n, f, f)), cost=zeros((n,)), converged=zeros((n,), bool), n_iter=0,

@@ -17,7 +17,7 @@ parameters, so `jax.jacfwd` and `jax.grad` of `simulate` work (forward-mode deri
 with respect to network weights, schedules or times are refused). With
 `differentiation="reverse"` (hybrid training) `jax.grad` is taken with respect to
 everything: the forward solve runs in the kernel, the pullback is the ensemble backend's
-reverse mode through the same integrator (same steps and states, recomputed on arrays).
+reverse mode through the same integrator, recomputed on arrays (see `_reverse_solve`).
 
 On CPU the kernel runs in Pallas interpret mode (how CI tests it); on GPU it is lowered
 through Triton.
@@ -378,22 +378,30 @@ def _reverse_kernel_fwd(perturbed, diff, static, kernel, options):
 
 @_reverse_kernel.def_bwd
 def _reverse_kernel_bwd(residuals, grad_obj, perturbed, diff, static, kernel, options):
-    # the pullback of the same integrator on arrays (the ensemble backend takes the same
-    # steps and gives the same states): recomputed, reverse mode through its
-    # checkpointed loop
+    # the pullback of the same integrator on arrays (what the ensemble backend runs):
+    # recomputed, reverse mode through its checkpointed loop
     def ys_of(d):
         model, batch = eqx.combine(d, static)
-        return solve_on_arrays(model, batch, options).ys
+        sol = solve_on_arrays(model, batch, options)
+        return sol.ys, sol.ts
 
-    _, pullback = jax.vjp(ys_of, diff)
-    return pullback(grad_obj[0])[0]
+    (ys, ts), pullback = jax.vjp(ys_of, diff)
+    zeros = [jnp.zeros_like(ys), jnp.zeros_like(ts)]
+    cts = [zeros[i] if grad_obj[j] is None else grad_obj[j] for i, j in enumerate((0, 3))]
+    return pullback(tuple(cts))[0]
 
 
 def _reverse_solve(kernel: Kernel, model, batch: Batch, options) -> Solution:
     """The kernel's solve, reverse-mode differentiable with respect to all float arrays of
     the model and the batch: the forward pass runs in the kernel, the pullback is the
-    ensemble backend's reverse mode through the same integrator (same steps, same
-    states), so `jax.grad` is the exact derivative of what the kernel computed."""
+    ensemble backend's reverse mode through the same integrator, recomputed on arrays
+    (its forward pass included). In float64 the two take the same steps and give the same
+    states to rounding (tests/test_training_gradients.py), so the gradient is that of what the kernel
+    computed; in float32 rounding may make them accept different steps, and the gradient
+    is then that of the recomputed trajectory. A training step costs the kernel's forward
+    pass on top of the ensemble's forward and reverse passes; on a GPU the ensemble
+    backend may train faster (unmeasured: `benchmarks/gpu_workflow.py` times the hybrid
+    config end to end)."""
     diff, static = eqx.partition((model, batch), eqx.is_inexact_array)
     ys, status, steps, ts = _reverse_kernel(diff, static, kernel, options)
     return Solution(ts=ts, ys=ys, mask=batch.batched_save_times()[1], status=status,
