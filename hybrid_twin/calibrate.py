@@ -206,7 +206,6 @@ class _LM(NamedTuple):
     cost: jax.Array  # (N,)
     conv: jax.Array  # (N,) bool
     failed: jax.Array  # (N,) bool: model or sensitivities non-finite
-    h: jax.Array  # (N, F, F) Gauss–Newton matrix at z (with the prior)
 
 
 def _error_sd(kind: str, scale: jax.Array, f: jax.Array) -> jax.Array:
@@ -261,7 +260,7 @@ def _lm_run(problem, carry: _LM, data, z_pop, em_kind: str, em_scale, inv_omega,
         conv = (c.conv | (active & (((rel > 0) & (rel < tol)) | small))) & ~failed
         return _LM(it=c.it + 1, z=jnp.where(accept[:, None], z_try, c.z), lam=lam,
                    cost=jnp.where(active, jnp.where(accept, cost_try, cost), c.cost),
-                   conv=conv, failed=failed, h=jnp.where(active[:, None, None], h, c.h))
+                   conv=conv, failed=failed)
 
     def cond(c: _LM):
         return (c.it < stop_at) & ~jnp.all(c.conv | c.failed)
@@ -408,11 +407,9 @@ def calibrate(
     def run(z0, em) -> _LM:
         """One fit from z0: the on-device loop in chunks of `chunk` iterations (the host
         reads the iteration count and whether all are done once per chunk)."""
-        f_dim = z_pop.shape[1]
         carry = _LM(it=jnp.zeros((n_dev,) if mesh else (), jnp.int32), z=pad(z0),
                     lam=jnp.full((n_run,), 1e-3, dtype), cost=jnp.zeros((n_run,), dtype),
-                    conv=jnp.arange(n_run) >= n, failed=jnp.zeros((n_run,), bool),
-                    h=jnp.zeros((n_run, f_dim, f_dim), dtype))
+                    conv=jnp.arange(n_run) >= n, failed=jnp.zeros((n_run,), bool))
         em_scale = jnp.asarray([em.additive, em.proportional], dtype)
         tol_ = jnp.asarray(tol, dtype)
         t_start = time.perf_counter()
@@ -459,7 +456,7 @@ def calibrate(
                                   / max(int(np.sum(np.asarray(w_mask))), 1)))
                 em = em.scaled(k)
                 z0 = out.z
-        cand = (out.z, out.cost, out.conv, out.h, int(out.it))
+        cand = (out.z, out.cost, out.conv, int(out.it))
         if best is None:
             best = cand
         else:
@@ -467,11 +464,9 @@ def calibrate(
             best = (jnp.where(take[:, None], cand[0], best[0]),
                     jnp.where(take, cand[1], best[1]),
                     jnp.where(take, cand[2], best[2]),
-                    jnp.where(take[:, None, None], cand[3], best[3]),
-                    max(cand[4], best[4]))
-    z, cost, conv, _, n_it = best
-    # the Laplace approximation at the estimates (the loop's last matrices are those before
-    # each patient's last accepted step)
+                    max(cand[3], best[3]))
+    z, cost, conv, n_it = best
+    # the Laplace approximation at the estimates
     ts = jnp.asarray(cohort.obs_times, dtype)
     if em.kind == "additive":
         sd = jnp.full(y.shape, em.additive, dtype)
