@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(VENV)/bin/hybrid-twin run configs/quickstart.yaml --out runs/quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.simulate --n 10000 --out benchmarks/results/simulate-cpu.jsonl

@@ -20,6 +20,7 @@ import yaml
 
 from .calibrate import ERROR_KINDS, ErrorModel
 from .data.virtual import NOISE, DoseSpec, NoiseModel
+from .errors import InputError
 from .models import REGISTRY
 from .solve import (
     BACKEND_NAMES,
@@ -36,7 +37,7 @@ from .solve import (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An invalid experiment config; the message names the key path."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .._atomic import atomic_open
 from ..models.base import MechanisticModel
 from ..schedule import Schedule
+from ..errors import InputError
 from .cohort import Cohort
 
 STANDARD = ("ID", "TIME", "EVID", "DV", "OBS", "AMT", "RATE", "CMT", "MDV")
@@ -31,7 +32,7 @@ MISSING = ("", ".")
 MAX_REPORTED = 50
 
 
-class EventTableError(ValueError):
+class EventTableError(InputError):
     """A malformed event table; `problems` lists every `file:line: reason`."""
 
     def __init__(self, path: str, problems: list[str]):

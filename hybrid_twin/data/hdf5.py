@@ -19,6 +19,7 @@ import h5py
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import InputError
 from ..schedule import Schedule
 from .cohort import Cohort
 
@@ -29,7 +30,7 @@ SCHEDULE_ARRAYS = ("dose_times", "dose_amounts", "dose_rates", "dose_targets", "
                    "input_times", "input_values", "input_mask")
 
 
-class CohortFileError(ValueError):
+class CohortFileError(InputError):
     """An HDF5 file that is not a readable hybrid_twin cohort of this schema version."""
 
 
