@@ -70,9 +70,8 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
     # the hybrid run also shows that the configured solver reaches every stage: its
     # backend records each solve it is asked for (and by which stage)
     asked = record_solves(monkeypatch) if hybrid else None
-    # (and that hybrid training runs on it: the ensemble backend here, reverse mode;
-    # tests/test_training_gradients.py checks the kernel's reverse-mode gradients)
-    extra = (["solver.rtol=1e-7", "solver.max_steps=3000", "solver.backend=ensemble"]
+    # (and that hybrid training runs on the kernel backend: interpret mode here)
+    extra = (["solver.rtol=1e-7", "solver.max_steps=3000", "solver.backend=kernel"]
              if hybrid else [])
     assert main(["run", config, "--out", str(out),
                  *sum((["--set", s] for s in SMALL[config] + extra), [])]) == 0
@@ -80,8 +79,8 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
         entries = [(who, o) for who, o in asked if who != "solved"]
         assert any(who == "solved" for who, _ in asked)
         for who, options in entries:
-            # the training loss too: reverse mode w.r.t. network weights
-            assert options.backend.name == "ensemble", sorted(who)
+            # the training loss too: reverse mode w.r.t. network weights on the kernel
+            assert options.backend.name == "kernel", sorted(who)
             assert type(options.backend).__name__ == "Recording"
             if "batch_loss" in who:
                 assert options.differentiation == "reverse"
