@@ -101,23 +101,18 @@ def load_trained_model(run_dir: str | os.PathLike):
         return eqx.tree_deserialise_leaves(fh, skeleton)
 
 
-def build_cohort(cfg: ExperimentConfig, model):
-    """The configured data as a Cohort (a virtual one simulated with the configured
-    solver)."""
-    from hybrid_twin.data import read_cohort_h5, read_event_table
-    from hybrid_twin.data.virtual import ScheduleSpec, virtual_cohort
+def build_cohort(cfg: ExperimentConfig, model, *, for_simulation: bool = False,
+                 run_dir: str | os.PathLike | None = None, config_dir=None):
+    """The configured data as a Cohort and, for a virtual source, its `VirtualCohort`
+    (simulated with the configured solver): `hybrid_twin.data.load_cohort` with every
+    check and option of the `data` block (patients without observations are allowed only
+    `for_simulation`; the pseudonym map is refused inside `run_dir`)."""
+    from hybrid_twin.data.load import load_cohort
 
-    if cfg.data.source == "csv":
-        return read_event_table(cfg.data.path, model), None
-    if cfg.data.source == "hdf5":
-        return read_cohort_h5(cfg.data.path), None
-    v = cfg.data.virtual
-    spec = ScheduleSpec(doses=tuple(v.doses), obs_every=v.obs_every, obs_start=v.obs_start,
-                        horizon=v.horizon,
-                        observables=tuple(v.observables) if v.observables else None)
-    vc = virtual_cohort(model, v.n, schedule=spec, noise=v.noise, seed=v.seed,
-                        options=solver_options(cfg))
-    return vc.cohort, vc
+    cohort, vc, _ = load_cohort(cfg.data, model, options=solver_options(cfg),
+                                for_simulation=for_simulation, config_dir=config_dir,
+                                run_dir=run_dir)
+    return cohort, vc
 
 
 def _calibrate_split(path: Path, log, split, model, cohort, **kw):
