@@ -136,12 +136,18 @@ def test_resume_is_refused_after_the_data_changed_and_force_restart_starts_over(
     assert np.all(v_new < 0.8 * v_old), (v_new / v_old)
 
 
-def test_resume_is_refused_after_the_config_changed(base):
-    _, data, out = base
+def test_resume_is_refused_after_the_config_or_the_code_changed(base, monkeypatch):
+    import training.run as runner
+
+    cfg, data, out = base
     record = (out / "run.json").read_text()
     with pytest.raises(RunDirectoryError, match=r"different config \(changed: "
                                                 r"calibration\.max_iter: 8 -> 9\)"):
         run_experiment(config(data, "calibration.max_iter=9"), out)
+    real = runner.code_version()
+    monkeypatch.setattr(runner, "code_version", lambda: {**real, "git": "0" * 40})
+    with pytest.raises(RunDirectoryError, match=r"other code .*'git': '0000000000"):
+        run_experiment(cfg, out)
     assert (out / "run.json").read_text() == record
 
 
@@ -304,6 +310,45 @@ def test_a_run_in_which_every_patient_fails_reports_it(tmp_path, base, capsys):
     assert {r["STATUS"] for r in simulated} == {"solver_failure:max_steps"}
     summary = strict((tmp_path / "sim" / "summary.json").read_text())
     assert summary["failed_patients"] == 12 and summary["observables"] == {}
+
+
+def test_patients_stopped_at_the_iteration_limit_are_not_converged(base, tmp_path):
+    _, data, _ = base
+    run = run_experiment(config(data, "calibration.max_iter=1"), tmp_path / "run")
+    params = rows(run / "params.csv")
+    assert {r["STATUS"] for r in params} == {"not_converged"}
+    assert {r["CONVERGED"] for r in params} == {"False"}
+    test = strict((run / "metrics.json").read_text())["test"]
+    assert test["converged_fraction"] == 0.0 and test["n_failed"] == 0
+    assert {r["STATUS"] for r in rows(run / "predictions.csv")} == {"not_converged"}
+
+
+def test_a_diverging_population_fit_fails_the_run(base, tmp_path, capsys):
+    """Concentrations in the wrong unit (x 1e5) against an additive error of 1 to be
+    estimated: the error scale explodes, and the population stage fails with its values
+    instead of running on."""
+    _, data, _ = base
+    table = rows(data)
+    for r in table:
+        if r["DV"]:
+            r["DV"] = repr(1e5 * float(r["DV"]))
+    scaled = tmp_path / "theophylline.csv"
+    with open(scaled, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    cfg = config(scaled, "population.fit=true", "error_model.estimate=true",
+                 split={"train": 1.0, "val": 0.0, "test": 0.0, "seed": 0},
+                 evaluation={"condition_until": 3.0, "splits": ["train"]})
+    with pytest.raises(FitFailed, match=r"population \(round 1\): the residual error "
+                                        r"estimate diverged: additive sd \(additive "
+                                        r"[0-9.e+]+, .* times its start") as err:
+        run_experiment(cfg, tmp_path / "run")
+    assert isinstance(err.value, RunFailed) and err.value.diverged
+    record = strict((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and record["failed_stage"] == "population"
+    assert "diverged" in record["reason"]
+    assert not (tmp_path / "run" / "params.csv").exists()
 
 
 def test_training_without_validation_data_after_the_cut_is_refused(base, tmp_path,

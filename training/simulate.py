@@ -43,9 +43,9 @@ def simulate_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, chunk:
     _setup_device(cfg)
     import jax
 
+    from hybrid_twin.calibrate import status_counts
     from hybrid_twin.models import get_model
     from hybrid_twin.population import sample_params
-    from hybrid_twin.calibrate import status_counts
     from hybrid_twin.simulate import simulate, status_label
 
     if chunk < 1:
