@@ -323,6 +323,27 @@ def test_patients_stopped_at_the_iteration_limit_are_not_converged(base, tmp_pat
     assert {r["STATUS"] for r in rows(run / "predictions.csv")} == {"not_converged"}
 
 
+def test_estimates_outside_the_declared_bounds_are_flagged(base, tmp_path, monkeypatch,
+                                                         capsys):
+    cfg, _, out = base
+    q = OneCompartment.parameters[2]
+    assert q.name == "V"
+    narrow = (*OneCompartment.parameters[:2], dataclasses.replace(q, upper=32.0))
+    monkeypatch.setattr(OneCompartment, "parameters", narrow)
+    run = run_experiment(cfg, tmp_path / "run")
+    params = rows(run / "params.csv")
+    outside = [r["ID"] for r in params if float(r["V"]) > 32.0]
+    assert 0 < len(outside) < len(params)
+    assert {r["ID"]: r["OUT_OF_BOUNDS"] for r in params} == {
+        r["ID"]: "V" if r["ID"] in outside else "" for r in params}
+    metrics = strict((run / "metrics.json").read_text())
+    assert metrics["test"]["out_of_bounds"] == {"V": len(outside)}
+    assert (f"estimates outside their declared bounds: V ({len(outside)} patients)"
+            in capsys.readouterr().out)
+    # the flag changes nothing else
+    assert [r["V"] for r in params] == [r["V"] for r in rows(out / "params.csv")]
+
+
 def test_a_diverging_population_fit_fails_the_run(base, tmp_path, capsys):
     """Concentrations in the wrong unit (x 1e5) against an additive error of 1 to be
     estimated: the error scale explodes, and the population stage fails with its values
