@@ -221,37 +221,17 @@ def strict_json(obj) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False) + "\n"
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _data_fingerprint(cfg: ExperimentConfig) -> dict:
     """What identifies the run's input data: {"source", "path", "sha256"}, the sha256 of
-    the file's bytes (csv, hdf5) or of the virtual-data config section (virtual). Uses
-    `hybrid_twin.data.load.data_fingerprint` where that exists."""
+    the file's bytes (csv, hdf5) or of the virtual-data config section (virtual)."""
+    from hybrid_twin.data.load import data_fingerprint
+
     try:
-        from hybrid_twin.data.load import data_fingerprint
-    except ImportError:
-        data_fingerprint = None
-    if data_fingerprint is not None:
-        fp = data_fingerprint(cfg)
-        if isinstance(fp, dict):
-            return {"source": cfg.data.source, "path": cfg.data.path, **fp}
-        return {"source": cfg.data.source, "path": cfg.data.path, "sha256": str(fp)}
-    if cfg.data.source in ("csv", "hdf5"):
-        try:
-            sha = _sha256_file(cfg.data.path)
-        except OSError as e:
-            raise InputError(f"data.path: cannot read {cfg.data.path}: "
-                             f"{e.strerror or e}") from None
-        return {"source": cfg.data.source, "path": str(cfg.data.path), "sha256": sha}
-    section = json.dumps(dataclasses.asdict(cfg.data.virtual), sort_keys=True, default=str)
-    return {"source": "virtual", "path": None,
-            "sha256": hashlib.sha256(section.encode()).hexdigest()}
+        sha = data_fingerprint(cfg.data)
+    except OSError as e:
+        raise InputError(f"data.path: cannot read {cfg.data.path}: {e.strerror or e}") from None
+    path = str(cfg.data.path) if cfg.data.source in ("csv", "hdf5") else None
+    return {"source": cfg.data.source, "path": path, "sha256": sha}
 
 
 def code_version() -> dict:
