@@ -236,7 +236,7 @@ def test_failed_and_dataless_patients_are_marked_and_leave_the_others_unchanged(
     changed = dataclasses.replace(
         cohort, obs_missing=jnp.asarray(missing),
         schedule=dataclasses.replace(cohort.schedule, dose_amounts=jnp.asarray(amounts)))
-    monkeypatch.setattr(runner, "build_cohort", lambda cfg, model: (changed, None))
+    monkeypatch.setattr(runner, "build_cohort", lambda cfg, model, **kw: (changed, None))
     run = run_experiment(cfg, tmp_path / "run")
 
     metrics = strict((run / "metrics.json").read_text())

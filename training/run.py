@@ -443,7 +443,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     model = build_model(cfg, mechanistic)
     truth_model = (get_model(cfg.data.virtual.model)
                    if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
-    cohort, _ = build_cohort(cfg, truth_model)
+    cohort, _ = build_cohort(cfg, truth_model, run_dir=run_dir)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     _check_inputs(cfg, cohort, parts)
