@@ -33,6 +33,7 @@ def simulate_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, chunk:
                         progress=print) -> Path:
     """Simulate the config's cohort; returns the output directory."""
     from training.run import (
+        _cell,
         _setup_device,
         build_cohort,
         build_model,
@@ -103,9 +104,8 @@ def simulate_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, chunk:
     for i, pid in enumerate(cohort.ids):
         ok = labels[i] == "ok"
         for j in np.flatnonzero(mask[i]):
-            v = float(pred[i, j])
             w.writerow([pid, repr(float(t_obs[i, j])), names[k[i, j]],
-                        repr(v) if ok and np.isfinite(v) else "", labels[i]])
+                        _cell(pred[i, j]) if ok else "", labels[i]])
     atomic_write_text(out / "predictions.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf)
