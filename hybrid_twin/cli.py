@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import xla_flags
 from .compile_cache import CompileCounter, log_compiles_requested, scoped_compilation_cache
 from .models import REGISTRY, get_model
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    xla_flags.apply()  # before JAX creates its backends
     args = build_parser().parse_args(argv)
     if args.command not in COMPUTING:
         return args.fn(args)

@@ -14,5 +14,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 if os.environ.get("HYBRID_TWIN_TEST_OPTIMISED_XLA") != "1":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+# known XLA:CPU compiler faults of the installed jaxlib (hybrid_twin.xla_flags)
+from hybrid_twin import xla_flags  # noqa: E402
+
+xla_flags.apply()
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_platforms", "cpu")
