@@ -25,7 +25,7 @@ run: $(STAMP)
 # (--dist loadfile can wait forever for a replaced worker); --capture=sys lets a native
 # library's last words on stderr reach the log.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 --capture=sys \
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --capture=sys \
 		--durations=25 tests
 
 bench: $(STAMP)
