@@ -13,6 +13,7 @@ import pytest
 
 from hybrid_twin import RK4, Schedule, SolverOptions, StepSizeController, simulate
 from hybrid_twin.simulate import AxisDirections, FitData, normal_equations
+from hybrid_twin.solve import Kernel
 from hybrid_twin.calibrate import ErrorModel, calibrate
 from hybrid_twin.hybrid import HybridModel, state_correction, term_closure
 from hybrid_twin.models import BergmanMinimal, TwoCompartment
@@ -21,6 +22,7 @@ from hybrid_twin.population import sample_params
 REF = SolverOptions(controller=StepSizeController(rtol=1e-11, atol=1e-12), max_steps=100_000)
 TSIT5 = SolverOptions(controller=StepSizeController(rtol=1e-10, atol=1e-12), backend="kernel")
 RK4_GLUCOSE = SolverOptions(method=RK4(0.25), max_steps=100_000, backend="kernel")
+RK4_ROLLED = SolverOptions(method=RK4(1.0), max_steps=100_000, backend=Kernel(roll_stages=True))
 
 
 def glucose_cohort(n, seed=0):
@@ -149,12 +151,14 @@ def test_inputs_match_diffrax(interpolation):
     assert rel_err(got.ys, ref.ys) < 1e-6
 
 
-@pytest.mark.parametrize("opts", [TSIT5, dataclasses.replace(RK4_GLUCOSE, method=RK4(1.0))],
+@pytest.mark.parametrize("opts", [TSIT5, RK4_ROLLED],
                          ids=["tsit5", "rk4"])
 def test_sensitivities_of_every_parameter_match_finite_differences(opts):
     """jax.jacfwd through the kernel's custom_jvp (sensitivities integrated in the kernel,
     inside the error norm; for RK4 the exact derivative of the RK4 map), from the basal
-    steady state, against central differences of the same solver."""
+    steady state, against central differences of the same solver. (RK4 runs with its
+    stages rolled, a third of the compile time; tests/test_kernel_policies.py holds the
+    rolled kernel to the unrolled one.)"""
     model, theta, sched, ts = glucose_cohort(2, seed=5)
     ts = ts[:157:6]  # to 13:00: breakfast, lunch and their insulin
 

@@ -71,7 +71,8 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
     # backend records each solve it is asked for (and by which stage)
     asked = record_solves(monkeypatch) if hybrid else None
     # (and that hybrid training runs on the kernel backend: interpret mode here)
-    extra = (["solver.rtol=1e-7", "solver.max_steps=3000", "solver.backend=kernel"]
+    extra = (["solver.rtol=1e-7", "solver.max_steps=3000", "solver.backend=kernel",
+              "solver.kernel.roll_stages=true"]
              if hybrid else [])
     assert main(["run", config, "--out", str(out),
                  *sum((["--set", s] for s in SMALL[config] + extra), [])]) == 0
