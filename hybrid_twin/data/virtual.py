@@ -20,9 +20,10 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import InputError
 from ..models.base import MechanisticModel
 from ..schedule import Schedule
-from ..simulate import SolverOptions, simulate
+from ..simulate import SolverOptions, simulate, status_label
 from .cohort import Cohort
 
 DISTRIBUTIONS = ("normal", "lognormal", "uniform")
@@ -44,7 +45,7 @@ class CovariateSpec:
 
     def __post_init__(self):
         if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"covariate {self.name!r}: distribution must be one of "
+            raise InputError(f"covariate {self.name!r}: distribution must be one of "
                              f"{DISTRIBUTIONS}, got {self.distribution!r}")
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -70,7 +71,7 @@ class CovariateEffect:
 
     def __post_init__(self):
         if self.kind not in EFFECTS:
-            raise ValueError(f"covariate effect on {self.parameter!r}: kind must be one of "
+            raise InputError(f"covariate effect on {self.parameter!r}: kind must be one of "
                              f"{EFFECTS}, got {self.kind!r}")
 
     def factor(self, c: np.ndarray) -> np.ndarray:
@@ -110,11 +111,11 @@ class Population:
         for (a, b), rho in self.correlation.items():
             i, j = model.index("param", a), model.index("param", b)
             if i == j or not -1 < rho < 1:
-                raise ValueError(f"correlation ({a}, {b}) = {rho}: need two different "
+                raise InputError(f"correlation ({a}, {b}) = {rho}: need two different "
                                  "parameters and -1 < rho < 1")
             corr[i, j] = corr[j, i] = rho
         if np.min(np.linalg.eigvalsh(corr)) <= 0:
-            raise ValueError("the parameter correlation matrix is not positive definite")
+            raise InputError("the parameter correlation matrix is not positive definite")
         return corr
 
     def sample(self, model: MechanisticModel, rng: np.random.Generator, n: int
@@ -126,7 +127,7 @@ class Population:
         typical = np.tile(model.typical_params(**self.typical), (n, 1))
         for e in self.effects:
             if e.covariate not in names:
-                raise ValueError(f"covariate effect uses {e.covariate!r}, which is not among "
+                raise InputError(f"covariate effect uses {e.covariate!r}, which is not among "
                                  f"the sampled covariates {names}")
             typical[:, model.index("param", e.parameter)] *= e.factor(cov[:, names.index(e.covariate)])
         omega = self.omega_vector(model)
@@ -214,7 +215,7 @@ class NoiseModel:
 
     def __post_init__(self):
         if self.kind not in NOISE:
-            raise ValueError(f"noise kind must be one of {NOISE}, got {self.kind!r}")
+            raise InputError(f"noise kind must be one of {NOISE}, got {self.kind!r}")
 
     def sd(self, pred: np.ndarray) -> np.ndarray:
         a = self.additive_sd if self.kind in ("additive", "combined") else 0.0
@@ -246,7 +247,8 @@ def virtual_cohort(
 ) -> VirtualCohort:
     """Sample, schedule, simulate and observe `n` virtual patients (reproducible by seed).
 
-    Raises ValueError naming the patients whose simulation failed (nothing is dropped).
+    Raises InputError (a ValueError) naming the patients whose simulation failed, and
+    why (nothing is dropped).
     """
     population = population or Population()
     schedule = schedule or ScheduleSpec()
@@ -258,9 +260,11 @@ def virtual_cohort(
     status = np.asarray(sol.status)
     if np.any(status != 0):
         bad = np.flatnonzero(status != 0)
-        raise ValueError(f"virtual_cohort: simulation failed for {bad.size} patient(s), e.g. "
-                         f"index {bad[:5].tolist()} (status {status[bad[:5]].tolist()}); "
-                         "check the population bounds or the solver options")
+        why = sorted({status_label(c) for c in status[bad]})
+        raise InputError(f"virtual cohort: the simulation failed for {bad.size} of {n} "
+                         f"patient(s), e.g. index {bad[:5].tolist()} ({', '.join(why)}); "
+                         "check the solver options (solver.max_steps, tolerances) and the "
+                         "population's parameter bounds")
     pred = np.asarray(sol.observed(model, jnp.asarray(theta), obs_k))
     values = noise.apply(pred, rng)
     m = obs_t.shape[1]

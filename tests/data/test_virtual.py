@@ -76,3 +76,15 @@ def test_virtual_glucose_cohort_with_two_observables():
     assert set(np.unique(np.asarray(c.obs_index))) == {0, 1}
     g = vc.true_predictions[np.asarray(c.obs_index) == 0]
     assert g.min() > 20 and g.max() > 120
+
+
+def test_a_failed_simulation_is_an_input_error_naming_the_reason():
+    from hybrid_twin import SolverOptions
+    from hybrid_twin.errors import InputError
+
+    spec = ScheduleSpec(doses=(DoseSpec(0.0, 320.0, "depot"),), obs_times=(1.0, 24.0))
+    with pytest.raises(InputError, match=r"the simulation failed for 3 of 3 patient\(s\), "
+                                         r"e\.g\. index \[0, 1, 2\] \(solver_failure:max_steps\)"
+                                         r"; check the solver options \(solver.max_steps"):
+        virtual_cohort(OneCompartment(), 3, schedule=spec, seed=0,
+                       options=SolverOptions(max_steps=1))
