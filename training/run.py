@@ -34,11 +34,16 @@ class Log:
 
 
 def _setup_device(cfg: ExperimentConfig) -> None:
+    """float64 available; `device: cpu` pins JAX to the CPU, `device: gpu` must find a GPU
+    (`check_device`: a `ConfigError` otherwise)."""
     import jax
+
+    from hybrid_twin.config import check_device
 
     jax.config.update("jax_enable_x64", True)
     if cfg.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
+    check_device(cfg)
 
 
 def build_model(cfg: ExperimentConfig, mechanistic):
