@@ -151,7 +151,8 @@ def test_yaml_floats_and_duplicate_keys(tmp_path):
     assert (cfg.training.learning_rate, cfg.error_model.additive) == (0.5, 5.0)
     assert (cfg.data.max_abs_value, cfg.training.penalty_weight) == (1000.0, 2e-4)
     assert load_config(data={"name": "1e3"}).name == "1e3"  # a string stays a string
-    path.write_text("name: a\nmodel:\n  name: pkpd.OneCompartment\n  name: pkpd.TwoCompartment\n")
+    path.write_text("name: a\nmodel:\n  name: pkpd.OneCompartment\n"
+                    "  name: pkpd.TwoCompartment\n")
     with pytest.raises(ConfigError, match=r"c.yaml:4:3: duplicate key 'name' \(first at line 3, "
                                           r"column 3\)"):
         load_config(path)
