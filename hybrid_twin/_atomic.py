@@ -1,9 +1,14 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename."""
+"""Atomic file writes: write to a temporary file beside the target, then rename.
+
+The temporary file is `.<name>.<8 random characters>.tmp` in the target's folder; a
+process killed mid-write leaves it behind (`remove_orphans` clears them).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,3 +38,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_open(path, "w") as fh:
         fh.write(text)
+
+
+_ORPHAN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_open` left in `folder` (not its subfolders) when
+    a writer was killed, and only those (`.<name>.<8 characters>.tmp`); return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if _ORPHAN.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            removed.append(entry)
+    return removed

@@ -21,6 +21,7 @@ per-patient fits.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -33,20 +34,35 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from .data.cohort import Cohort
+from .errors import RunFailed
 from .models.base import MechanisticModel
 from .schedule import Schedule
 from .simulate import (
     AxisDirections,
     FitData,
     SolverOptions,
+    Status,
     normal_equations,
     sensitivities,
     simulate,
+    status_label,
 )
 from .solve import EXPERIMENT_DEFAULT
 
 ERROR_KINDS = ("additive", "proportional", "combined")
 Z95 = 1.959963984540054
+
+
+class FitFailed(RunFailed):
+    """A fitting stage that gave no usable estimate: every patient failed (`diverged`
+    False), or the estimate diverged (a non-finite or exploding error scale, non-finite
+    typical values, typical values at their bounds). The message names the stage and the
+    values; `stage` is that name."""
+
+    def __init__(self, message: str, *, stage: str, diverged: bool):
+        super().__init__(message)
+        self.stage = stage
+        self.diverged = diverged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +104,14 @@ class CalibrationResult(eqx.Module):
         se: (N, P) standard errors in natural units (delta method; 0 for fixed ones).
         corr: (N, F, F) correlation matrices.
         cost: (N,) final objective (1/2 sum of squared weighted residuals and prior).
-        converged: (N,) bool; False also for a patient whose model or sensitivities
-            became non-finite (it is left at its last finite estimate).
+        converged: (N,) bool: True only where the optimiser's own test passed (relative
+            cost decrease below `tol`, or a vanishing step) for a patient with data whose
+            solves succeeded; False at the iteration limit, for a failed patient and for
+            one without data.
+        status: (N,) int `Status` of the patient's fit: OK, or why its solve failed
+            (`Status.NONFINITE` also for a non-finite cost or derivatives); a failed
+            patient is left at its last good estimate, with NaN uncertainty.
+        n_data: (N,) int, the observations fitted (0: the estimate is the prior mean).
         n_iter: iterations run.
         free: names of the free parameters.
         error_model: the (possibly re-estimated) error model.
@@ -102,6 +124,8 @@ class CalibrationResult(eqx.Module):
     corr: jax.Array
     cost: jax.Array
     converged: jax.Array
+    status: jax.Array
+    n_data: jax.Array
     n_iter: int = eqx.field(static=True)
     free: tuple[str, ...] = eqx.field(static=True)
     error_model: ErrorModel = eqx.field(static=True)
@@ -143,9 +167,10 @@ class _Problem(eqx.Module):
         return jax.vmap(lambda t: jax.jvp(lambda zz: self.theta(zz, theta_fixed),
                                           (z,), (t,))[1])(eye)
 
-    def jacobian(self, z, theta_fixed, schedule, ts, mask, obs_index):
+    def jacobian(self, z, theta_fixed, schedule, ts, mask, obs_index, with_status=False):
         """Predictions (N, M) and their Jacobian with respect to z (N, M, F), from the
-        backend's sensitivities along the free parameters only."""
+        backend's sensitivities along the free parameters only (and with `with_status`
+        the solve's per-patient `Status`)."""
         theta = self.theta(z, theta_fixed)
         dirs = self.directions(z, theta_fixed)
         sol, sens = sensitivities(self.model, theta, dirs, schedule, ts, mask,
@@ -158,6 +183,8 @@ class _Problem(eqx.Module):
         f = observed(sol.ys, theta)
         cols = jax.vmap(lambda sk, dk: jax.jvp(observed, (sol.ys, theta), (sk, dk))[1],
                         in_axes=(2, 0))(sens.astype(sol.ys.dtype), dense.astype(theta.dtype))
+        if with_status:
+            return f, jnp.moveaxis(cols, 0, -1), sol.status
         return f, jnp.moveaxis(cols, 0, -1)
 
     def theta(self, z, theta_fixed):
@@ -205,7 +232,8 @@ class _LM(NamedTuple):
     lam: jax.Array  # (N,) damping
     cost: jax.Array  # (N,)
     conv: jax.Array  # (N,) bool
-    failed: jax.Array  # (N,) bool: model or sensitivities non-finite
+    failed: jax.Array  # (N,) bool: a solve failed, or the cost or derivatives non-finite
+    status: jax.Array  # (N,) int32 `Status`: why a failed patient failed
 
 
 def _error_sd(kind: str, scale: jax.Array, f: jax.Array) -> jax.Array:
@@ -237,10 +265,10 @@ def _lm_run(problem, carry: _LM, data, z_pop, em_kind: str, em_scale, inv_omega,
     def body(c: _LM) -> _LM:
         active = ~(c.conv | c.failed)
         sd = sd_at(c.z, active)
-        cost, h, g, _ = problem.normal(c.z, *data, sd, z_pop, inv_omega, jac=True,
-                                       active=active)
+        cost, h, g, solved = problem.normal(c.z, *data, sd, z_pop, inv_omega, jac=True,
+                                            active=active)
         finite = (jnp.all(jnp.isfinite(h), axis=(1, 2)) & jnp.all(jnp.isfinite(g), axis=1)
-                  & jnp.isfinite(cost))
+                  & jnp.isfinite(cost) & (solved == Status.OK))
         h = jnp.where(finite[:, None, None], h, 0.0)
         g = jnp.where(finite[:, None], g, 0.0)
         diag = jnp.diagonal(h, axis1=1, axis2=2)
@@ -257,10 +285,12 @@ def _lm_run(problem, carry: _LM, data, z_pop, em_kind: str, em_scale, inv_omega,
         rel = jnp.where(accept, (cost - cost_try) / jnp.maximum(cost, 1e-30), 0.0)
         small = (jnp.max(jnp.abs(step), axis=1) < 1e-8) & finite
         failed = c.failed | (active & ~finite)
+        why = jnp.where(solved == Status.OK, Status.NONFINITE, solved).astype(jnp.int32)
         conv = (c.conv | (active & (((rel > 0) & (rel < tol)) | small))) & ~failed
         return _LM(it=c.it + 1, z=jnp.where(accept[:, None], z_try, c.z), lam=lam,
                    cost=jnp.where(active, jnp.where(accept, cost_try, cost), c.cost),
-                   conv=conv, failed=failed)
+                   conv=conv, failed=failed,
+                   status=jnp.where(active & ~finite, why, c.status))
 
     def cond(c: _LM):
         return (c.it < stop_at) & ~jnp.all(c.conv | c.failed)
@@ -409,7 +439,8 @@ def calibrate(
         reads the iteration count and whether all are done once per chunk)."""
         carry = _LM(it=jnp.zeros((n_dev,) if mesh else (), jnp.int32), z=pad(z0),
                     lam=jnp.full((n_run,), 1e-3, dtype), cost=jnp.zeros((n_run,), dtype),
-                    conv=jnp.arange(n_run) >= n, failed=jnp.zeros((n_run,), bool))
+                    conv=jnp.arange(n_run) >= n, failed=jnp.zeros((n_run,), bool),
+                    status=jnp.zeros((n_run,), jnp.int32))
         em_scale = jnp.asarray([em.additive, em.proportional], dtype)
         tol_ = jnp.asarray(tol, dtype)
         t_start = time.perf_counter()
@@ -448,24 +479,21 @@ def calibrate(
         for rnd in range(rounds):
             out = run(z0, em)
             if error_model.estimate and rnd < rounds - 1:
-                f, _ = problem.predict(out.z, theta_fixed, cohort.schedule,
-                                       cohort.obs_times, cohort.obs_mask,
-                                       cohort.obs_index)
-                r = np.asarray(jnp.where(w_mask, (y - f) / em.sd(f), 0.0))
-                k = float(np.sqrt(np.sum(r ** 2)
-                                  / max(int(np.sum(np.asarray(w_mask))), 1)))
-                em = em.scaled(k)
+                em = _rescaled(em, problem, out, theta_fixed, cohort, y, w_mask)
                 z0 = out.z
-        cand = (out.z, out.cost, out.conv, int(out.it))
+        cand = (out.z, out.cost, out.conv, out.status, int(out.it))
         if best is None:
             best = cand
         else:
-            take = (cand[1] < best[1]) | ~jnp.isfinite(best[1])
+            take = ((cand[1] < best[1]) & (cand[3] == Status.OK)) | (best[3] != Status.OK)
             best = (jnp.where(take[:, None], cand[0], best[0]),
                     jnp.where(take, cand[1], best[1]),
                     jnp.where(take, cand[2], best[2]),
-                    max(cand[3], best[3]))
-    z, cost, conv, n_it = best
+                    jnp.where(take, cand[3], best[3]),
+                    max(cand[4], best[4]))
+    z, cost, conv, status, n_it = best
+    n_data = jnp.sum(w_mask, axis=1).astype(jnp.int32)
+    ok = status == Status.OK
     # the Laplace approximation at the estimates
     ts = jnp.asarray(cohort.obs_times, dtype)
     if em.kind == "additive":
@@ -477,6 +505,7 @@ def calibrate(
                                 cohort.obs_index, y, w_mask, sd, z_pop, inv_omega, jac=True)
     h = jnp.where(jnp.all(jnp.isfinite(h), axis=(1, 2))[:, None, None], h, 0.0)
     cov = jnp.linalg.inv(h + 1e-12 * jnp.eye(h.shape[-1], dtype=dtype))
+    cov = jnp.where(ok[:, None, None], cov, jnp.nan)
     sd_z = jnp.sqrt(jnp.clip(jnp.diagonal(cov, axis1=1, axis2=2), 0.0))
     corr = cov / (sd_z[:, :, None] * sd_z[:, None, :] + jnp.finfo(dtype).tiny)
     theta = problem.theta(z, theta_fixed)
@@ -485,7 +514,65 @@ def calibrate(
     se = jnp.zeros_like(theta).at[:, jnp.asarray(free_idx)].set(
         jnp.abs(dtheta[:, jnp.asarray(free_idx)]))
     return CalibrationResult(params=theta, z=z, cov_z=cov, se=se, corr=corr, cost=cost,
-                             converged=conv, n_iter=int(n_it), free=free, error_model=em)
+                             converged=conv & ok & (n_data > 0), status=status,
+                             n_data=n_data, n_iter=int(n_it), free=free, error_model=em)
+
+
+def _rescaled(em: ErrorModel, problem: _Problem, out: _LM, theta_fixed, cohort: Cohort, y,
+              w_mask) -> ErrorModel:
+    """The error model rescaled to the pooled weighted residuals of the patients whose
+    fits succeeded (unchanged when none did); `FitFailed` if the scale is not finite."""
+    f, _ = problem.predict(out.z, theta_fixed, cohort.schedule, cohort.obs_times,
+                           cohort.obs_mask, cohort.obs_index)
+    use = w_mask & (out.status == Status.OK)[:, None] & jnp.isfinite(f)
+    n_use = int(np.sum(np.asarray(use)))
+    if n_use == 0:
+        return em
+    r = np.asarray(jnp.where(use, (y - jnp.where(use, f, 0.0)) / em.sd(jnp.where(use, f, 0.0)),
+                             0.0))
+    k = float(np.sqrt(np.sum(r ** 2) / n_use))
+    if not (np.isfinite(k) and k > 0):
+        raise FitFailed(f"calibration: the residual error scale diverged (factor {k:g} "
+                        f"from {em.kind} sd ({em.additive:g}, {em.proportional:g}) over "
+                        f"{n_use} observations)", stage="calibration", diverged=True)
+    return em.scaled(k)
+
+
+def fit_status(result: CalibrationResult) -> list[str]:
+    """Each patient's outcome, as run directories write it: "ok" (the optimiser's
+    convergence test passed), "not_converged" (stopped at the iteration limit),
+    "no_data" (no observation to fit: the estimate is the prior mean) or
+    "solver_failure:<reason>" (`status_label`: max_steps, nonfinite, solver_failed)."""
+    status = np.asarray(result.status)
+    conv = np.asarray(result.converged)
+    n_data = np.asarray(result.n_data)
+    out = []
+    for st, c, nd in zip(status, conv, n_data):
+        if st != Status.OK:
+            out.append(status_label(int(st)))
+        elif nd == 0:
+            out.append("no_data")
+        else:
+            out.append("ok" if c else "not_converged")
+    return out
+
+
+def status_counts(statuses) -> str:
+    """Per-patient statuses summarised, e.g. "solver_failure:max_steps: 8, ok: 2"."""
+    counts = collections.Counter(statuses)
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(),
+                                                    key=lambda kv: (-kv[1], kv[0])))
+
+
+def out_of_bounds(model: MechanisticModel, params) -> list[list[str]]:
+    """For each row of `params` ((N, P) or (P,) natural units), the names of the
+    parameters outside their declared [lower, upper] (NaN counts as inside: it is no
+    estimate)."""
+    theta = np.atleast_2d(np.asarray(params, float))
+    lower = np.array([q.lower for q in model.parameters])
+    upper = np.array([q.upper for q in model.parameters])
+    outside = (theta < lower) | (theta > upper)
+    return [[model.param_names[j] for j in np.flatnonzero(row)] for row in outside]
 
 
 def parameter_intervals(model: MechanisticModel, result: CalibrationResult,
@@ -511,20 +598,25 @@ def predict_with_intervals(
     include_residual: bool = True,
     level: float = Z95,
     options: SolverOptions | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Predictions and (lo, hi) intervals at `save_ts` for calibrated patients.
+    return_status: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Predictions and (lo, hi) intervals at `save_ts` for calibrated patients, each
+    (N, M); with `return_status` also the prediction solve's per-patient `Status` (N,).
 
     Parameter uncertainty enters by the delta method (forward-mode Jacobian of the
     prediction times the Laplace covariance); with `include_residual` the observation
-    error is added, giving intervals for new observations.
+    error is added, giving intervals for new observations. A patient whose prediction
+    solve or fit failed (`result.status`) gets NaN predictions and intervals.
     """
     options = _forward(options, model)
     free_idx = tuple(model.index("param", n) for n in result.free)
     problem = _Problem(model, free_idx, options, schedule.has_infusions())
-    f, jac = problem.jacobian(result.z, result.params, schedule, save_ts, save_mask,
-                              obs_index)
+    f, jac, status = problem.jacobian(result.z, result.params, schedule, save_ts, save_mask,
+                                      obs_index, with_status=True)
     var = jnp.einsum("nmf,nfg,nmg->nm", jac, result.cov_z, jac)
     if include_residual:
         var = var + result.error_model.sd(f) ** 2
     sd = jnp.sqrt(jnp.clip(var, 0.0))
-    return f, f - level * sd, f + level * sd
+    ok = ((status == Status.OK) & (result.status == Status.OK))[:, None]
+    f, lo, hi = (jnp.where(ok, x, jnp.nan) for x in (f, f - level * sd, f + level * sd))
+    return (f, lo, hi, status) if return_status else (f, lo, hi)

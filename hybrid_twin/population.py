@@ -20,9 +20,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._atomic import atomic_open, atomic_write_text
-from .calibrate import ErrorModel, calibrate, fit_dtype
+from .calibrate import ErrorModel, FitFailed, calibrate, fit_dtype, fit_status, status_counts
+from .errors import InputError
 from .models.base import MechanisticModel
-from .simulate import SolverOptions, simulate
+from .simulate import SolverOptions, Status, simulate
 from .solve import EXPERIMENT_DEFAULT, Diffrax
 
 logger = logging.getLogger("hybrid_twin")
@@ -107,37 +108,92 @@ def fit_population(
     the typical value to the mean of the patients' estimates and omega^2 to their variance
     plus the mean posterior variance (the EM update of a Gaussian random-effects model
     under the Laplace approximation). The residual error scale is re-estimated each
-    round. Stops when typical values move less than `tol` (relative).
+    round. Only patients whose fit succeeded and who have data enter the update. Stops
+    when typical values move less than `tol` (relative).
 
-    Returns (typical (P,), omega (P,), CalibrationResult of the last round, history).
+    Raises `FitFailed` (stage "population") when no patient can be fitted, and when the
+    estimate diverges: a non-finite error scale or one grown more than `ERROR_GROWTH_MAX`
+    times its start, non-finite typical values or spreads, or typical values at their
+    declared bounds.
+
+    Returns (typical (P,), omega (P,), CalibrationResult of the last round, history: one
+    dict per round with the free parameters' typical values and spreads, the relative
+    change, the error model, and the patients converged and failed).
     """
     typical = np.asarray(model.typical_params() if typical is None else typical, float).copy()
     omega = np.asarray(model.omegas() if omega is None else omega, float).copy()
     idx = np.array([model.index("param", n) for n in free])
     omega[idx] = np.where(omega[idx] > 0, omega[idx], 0.5)
     em = error_model or ErrorModel()
+    em0 = em
     history = []
     result = None
     for rnd in range(n_rounds):
         result = calibrate(model, cohort, free=free, typical=typical, omega=omega,
                            error_model=em, options=options, error_rounds=2)
         em = result.error_model
-        z = np.asarray(result.z)
-        var_post = np.asarray(jnp.diagonal(result.cov_z, axis1=1, axis2=2))
+        usable = (np.asarray(result.status) == Status.OK) & (np.asarray(result.n_data) > 0)
+        if not usable.any():
+            raise FitFailed(
+                f"population: none of the {cohort.n_patients} patients could be fitted in "
+                f"round {rnd + 1} ({status_counts(fit_status(result))})",
+                stage="population", diverged=False)
+        z = np.asarray(result.z)[usable]
+        var_post = np.asarray(jnp.diagonal(result.cov_z, axis1=1, axis2=2))[usable]
         z_typ = z.mean(axis=0)
         omega_new = np.sqrt(z.var(axis=0) + var_post.mean(axis=0))
         full = np.array(model.to_unconstrained(jnp.asarray(typical)))
         full[idx] = z_typ
         new_typical = np.asarray(model.from_unconstrained(jnp.asarray(full)))
+        _check_population(model, free, new_typical, omega_new, em, em0, rnd + 1)
         change = float(np.max(np.abs(new_typical[idx] / typical[idx] - 1)))
         typical = new_typical
         omega[idx] = omega_new
         history.append({"round": rnd + 1, "typical": typical[idx].tolist(),
                         "omega": omega[idx].tolist(), "change": change,
-                        "error_model": [em.additive, em.proportional]})
+                        "error_model": [em.additive, em.proportional],
+                        "converged": int(np.sum(np.asarray(result.converged))),
+                        "failed": int(np.sum(np.asarray(result.status) != Status.OK)),
+                        "patients": cohort.n_patients})
         if change < tol:
             break
     return typical, omega, result, history
+
+
+ERROR_GROWTH_MAX = 1e3
+"""A population fit whose estimated residual error scale grows more than this factor over
+its starting value has diverged."""
+
+
+def _check_population(model, free, typical, omega_free, em: ErrorModel, em0: ErrorModel,
+                      round_: int) -> None:
+    """`FitFailed` if a population estimate diverged (see `fit_population`)."""
+    idx = [model.index("param", n) for n in free]
+    where = f"population (round {round_})"
+    sds = np.array([em.additive, em.proportional], float)
+    sds0 = np.array([em0.additive, em0.proportional], float)
+    growth = float(np.max(sds / sds0))
+    if em0.estimate and not (np.all(np.isfinite(sds)) and growth <= ERROR_GROWTH_MAX):
+        raise FitFailed(
+            f"{where}: the residual error estimate diverged: {em.kind} sd (additive "
+            f"{em.additive:.4g}, proportional {em.proportional:.4g}), {growth:.3g} times its "
+            f"start (additive {em0.additive:.4g}, proportional {em0.proportional:.4g}); "
+            "check the data's units and the model, or fix the error model "
+            "(error_model.estimate: false)", stage="population", diverged=True)
+    bad = [n for n, v, o in zip(free, typical[idx], omega_free)
+           if not (np.isfinite(v) and np.isfinite(o))]
+    if bad:
+        raise FitFailed(f"{where}: non-finite typical value or spread of "
+                        f"{', '.join(bad)}", stage="population", diverged=True)
+    at = []
+    for n, i in zip(free, idx):
+        q, v = model.parameters[i], float(typical[i])
+        for bound, side in ((q.lower, "lower"), (q.upper, "upper")):
+            if np.isfinite(bound) and abs(v - bound) <= 1e-6 * max(abs(bound), 1e-300):
+                at.append(f"{n} = {v:.6g} at its {side} bound {bound:g} {q.unit}")
+    if at:
+        raise FitFailed(f"{where}: typical value(s) at their declared bounds: "
+                        f"{'; '.join(at)}", stage="population", diverged=True)
 
 
 class TrainState(eqx.Module):
@@ -189,9 +245,22 @@ def train_population(
     early-stopping criterion; the best model is kept. With `checkpoint_dir`, the state is written atomically after every
     epoch and training resumes from it: an interrupted run, started again, reaches the
     same result as an uninterrupted one (mini-batches depend only on seed and epoch).
+    Patients whose solve fails in a batch add nothing to its loss (their count is the
+    epoch's "failed_solves" in the history), and a validation patient whose solve fails
+    is not scored.
+
+    Raises `InputError` (before any compute) when `val` has patients but no observation
+    after `val_condition_until` to score, and `FitFailed` when no training patient can be
+    fitted at the start.
 
     Returns (best model, TrainState, history list of dicts).
     """
+    if val is not None and val.n_patients and not bool(
+            np.any(np.asarray(val.score_mask(val_condition_until)))):
+        raise InputError(
+            f"training: the {val.n_patients} validation patients have no observation after "
+            f"val_condition_until={val_condition_until} (their last is at "
+            f"{_last_time(val):g}): validation could never score the model")
     error_model = error_model or ErrorModel()
     train_options = training_options(options)
     idx = jnp.asarray([model.index("param", n) for n in free])
@@ -209,10 +278,15 @@ def train_population(
         # the population at the mean and spread of those estimates (Laplace EM update)
         res0 = calibrate(model, train, free=free, error_model=error_model, options=options)
         error_model = res0.error_model
+        usable = (np.asarray(res0.status) == Status.OK) & (np.asarray(res0.n_data) > 0)
+        if not usable.any():
+            raise FitFailed(f"training: none of the {n} training patients could be fitted "
+                            f"at the start ({status_counts(fit_status(res0))})",
+                            stage="training", diverged=False)
         z0 = res0.z
-        z_typ0 = jnp.mean(z0, axis=0)
-        omega0 = jnp.sqrt(jnp.var(z0, axis=0)
-                          + jnp.mean(jnp.diagonal(res0.cov_z, axis1=1, axis2=2), axis=0))
+        z_typ0 = jnp.mean(z0[usable], axis=0)
+        omega0 = jnp.sqrt(jnp.var(z0[usable], axis=0) + jnp.mean(
+            jnp.diagonal(res0.cov_z, axis1=1, axis2=2)[usable], axis=0))
     params0 = (eqx.filter(model, eqx.is_inexact_array), z0, z_typ0)
     state = TrainState(model=model, z=z0, typical_z=z_typ0, omega=omega0,
                        opt_state=optimizer.init(params0), epoch=jnp.array(0),
@@ -247,16 +321,23 @@ def train_population(
         z_b = z_all[rows]
         full = jnp.tile(base, (z_b.shape[0], 1)).at[:, idx].set(z_b)
         theta = model.from_unconstrained(full)
-        f = simulate(m, theta, sched, ts, mask, options=train_options,
-                     has_infusions=has_inf).observed(m, theta, obs_k)
+        sol = simulate(m, theta, sched, ts, mask, options=train_options,
+                       has_infusions=has_inf)
+        # a failed patient's rows (NaN where its solve did not reach) add nothing, and
+        # no NaN reaches the gradient
+        ok = sol.status == Status.OK
+        w = w & ok[:, None]
+        sol = eqx.tree_at(lambda s_: s_.ys, sol, jnp.where(ok[:, None, None], sol.ys, 0.0))
+        f = sol.observed(m, theta, obs_k)
         sd = error_model.sd(jax.lax.stop_gradient(f))
         r = jnp.where(w, (jnp.where(w, y, 0.0) - f) / sd, 0.0)
         data = 0.5 * jnp.sum(r * r)
+        failed = jnp.sum((sol.status != Status.OK) & (row_w > 0))
         # a covariate network moves each patient's prior mean
         shift = m.covariate_offsets(cov, train.covariate_names)[:, idx]
         prior = 0.5 * jnp.sum(row_w[:, None] * ((z_b - z_typ - shift) / omega) ** 2)
         pen = penalty_weight * m.penalty() if hasattr(m, "penalty") else 0.0
-        return (data + prior) / n_rows + pen, data
+        return (data + prior) / n_rows + pen, (data, failed)
 
     n_dev = jax.local_device_count()
     # several devices: each mini-batch's patients are split over them (the arrays placed
@@ -266,13 +347,13 @@ def train_population(
 
     @eqx.filter_jit
     def step(trainable, opt_state, omega, rows, batch, row_w, n_rows):
-        (_, data), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
+        (_, (data, failed)), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
             trainable, omega, rows, batch, row_w, n_rows)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         # patients outside the batch keep their parameters (only their moments decay)
         in_batch = jnp.zeros((n, 1), bool).at[rows].set(True)
         updates = (updates[0], jnp.where(in_batch, updates[1], 0.0), updates[2])
-        return eqx.apply_updates(trainable, updates), opt_state, data
+        return eqx.apply_updates(trainable, updates), opt_state, data, failed
 
     def batch_of(c, rows):
         return (jax.tree.map(lambda x: x[rows], c.schedule), c.obs_times[rows],
@@ -287,6 +368,7 @@ def train_population(
         trainable = (eqx.filter(state.model, eqx.is_inexact_array), state.z, state.typical_z)
         opt_state = state.opt_state
         total = 0.0
+        failed_solves = 0
         for start in range(0, n, batch_size):
             rows = np.sort(perm[start:start + batch_size])
             if rows.size < batch_size and n >= batch_size:
@@ -303,9 +385,10 @@ def train_population(
             split = (jnp.asarray(rows), batch, jnp.asarray(row_w))
             if rows_sharding is not None:
                 split = jax.device_put(split, rows_sharding)
-            trainable, opt_state, data = step(trainable, opt_state, state.omega, *split,
-                                              n_rows)
+            trainable, opt_state, data, failed = step(trainable, opt_state, state.omega,
+                                                      *split, n_rows)
             total += float(data)
+            failed_solves += int(failed)
         new_model = eqx.combine(trainable[0], static)
         z_all = trainable[1]
         omega = state.omega
@@ -327,7 +410,8 @@ def train_population(
                            bad_epochs=jnp.array(0 if improved else int(state.bad_epochs) + 1),
                            error_sd=state.error_sd)
         history.append({"epoch": epoch + 1, "train_rmse_weighted": (2 * total / n_obs) ** 0.5,
-                        "val_rmse_weighted": val_rmse, "seconds": time.perf_counter() - t0})
+                        "val_rmse_weighted": val_rmse, "failed_solves": failed_solves,
+                        "seconds": time.perf_counter() - t0})
         if ckpt is not None:
             with atomic_open(ckpt, "wb") as fh:
                 eqx.tree_serialise_leaves(fh, state)
@@ -340,10 +424,18 @@ def train_population(
 def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None,
                    options: SolverOptions | None = None) -> float:
     """sqrt(mean(((y - f) / sd)^2)) over a cohort's data (the forecast part after `after`
-    if given)."""
+    if given), without the patients whose solve failed (NaN if none is left)."""
     sol = simulate(model, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask,
                    options=options or EXPERIMENT_DEFAULT)
     f = sol.observed(model, theta, cohort.obs_index)
-    w = np.asarray(cohort.score_mask(after))
+    w = np.asarray(cohort.score_mask(after)) & (np.asarray(sol.status) == Status.OK)[:, None]
+    if not w.any():
+        return float("nan")
     r = (np.asarray(cohort.obs_values) - np.asarray(f)) / np.asarray(error_model.sd(f))
     return float(np.sqrt(np.mean(r[w] ** 2)))
+
+
+def _last_time(cohort) -> float:
+    """The latest observation time with data in `cohort` (-inf if none)."""
+    t = np.asarray(cohort.obs_times)[np.asarray(cohort.data_mask)]
+    return float(t.max()) if t.size else float("-inf")

@@ -12,7 +12,8 @@ windows (infusions), no step straddles a discontinuity, the solution is saved ex
 each patient's own observation times, and an observation at the same time as a dose sees
 the state *before* the dose (a trough sample). `params` of shape `(N, n_params)` runs N
 patients in one compiled call, each with its own schedule and observation times; a patient
-whose solve fails is flagged in `Solution.status` and leaves the others untouched.
+whose solve fails is flagged in `Solution.status` and leaves the others untouched; its
+states at the save times it did not reach are NaN (every backend), never a stale value.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ from .solve import (
 )
 
 __all__ = ["AxisDirections", "FitData", "NormalEquations", "Solution", "SolverOptions",
-           "Status", "normal_equations", "sensitivities", "simulate"]
+           "Status", "normal_equations", "sensitivities", "simulate", "status_label"]
+
+
+def status_label(code: int) -> str:
+    """A patient's solve `Status` as output files write it: "ok", or
+    "solver_failure:<reason>" with the reason max_steps (the step limit was reached),
+    nonfinite (the state or the cost became non-finite) or solver_failed (the step size
+    collapsed, or another solver failure)."""
+    code = int(code)
+    return "ok" if code == Status.OK else f"solver_failure:{Status(code).name.lower()}"
 
 
 @eqx.filter_jit

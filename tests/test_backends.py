@@ -160,6 +160,8 @@ def test_a_failing_patient_is_flagged_and_isolated(backend):
         np.testing.assert_allclose(np.asarray(sol.ys[i, :, 0]), 1.0 / (1.0 - k[i, 0] * ts),
                                    rtol=1e-7)
     np.testing.assert_allclose(np.asarray(sol.ys[2, 0, 0]), 1.0)
+    # the slots it never reached are NaN, not a stale (or zero) state
+    assert np.all(np.isnan(np.asarray(sol.ys[2, -1])))
 
 
 @pytest.mark.parametrize("backend", ALL, ids=IDS)

@@ -8,7 +8,10 @@ from benchmarks import gpu_ensemble
 
 
 def test_gpu_ensemble_benchmark_runs_small_on_cpu(capsys):
-    gpu_ensemble.main(["--n", "16", "--gn-n", "16", "--calib-n", "16", "--ref-n", "4"])
+    # no extra block sizes, and no whole calibration (tests/test_kernel.py calibrates
+    # through the kernel): the benchmark's variants and its accuracy checks, small
+    gpu_ensemble.main(["--n", "16", "--gn-n", "16", "--ref-n", "4", "--blocks",
+                       "--skip", "calibrate"])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     by = {x["variant"]: x for x in lines}
     for name in ("diffrax", "kernel_rk4", "kernel_tsit5", "kernel_rk4_glucose_only"):
@@ -17,7 +20,7 @@ def test_gpu_ensemble_benchmark_runs_small_on_cpu(capsys):
         assert "run_s" in by[name] or by[name]["skipped"]
     assert by["gauss_newton_jacfwd"]["max_rel_diff_jtj_vs_kernel"] < 1e-3
     assert by["gauss_newton_jacfwd"]["max_rel_diff_jtr_vs_kernel"] < 1e-3
-    assert by["calibrate_kernel"]["converged_fraction"] > 0.5
+    assert "calibrate_kernel" not in by
     assert "diffrax_over_kernel_rk4" in by["summary"]
     assert "failed" not in json.dumps(lines)
 

@@ -47,7 +47,7 @@ def test_simulate_from_a_config_and_a_trained_run(tmp_path, capsys):
     assert summary["n_patients"] == 10 and summary["failed_patients"] == 0
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["STATUS"] for r in rows} == {"OK"} and len({r["ID"] for r in rows}) == 10
+    assert {r["STATUS"] for r in rows} == {"ok"} and len({r["ID"] for r in rows}) == 10
     glucose = [float(r["PRED"]) for r in rows]
     assert 20 < min(glucose) and max(glucose) < 600
     # the same patients in one chunk give the same predictions

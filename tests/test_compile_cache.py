@@ -25,7 +25,7 @@ from hybrid_twin.compile_cache import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.virtual.n=16", "data.virtual.horizon=720", "data.virtual.obs_every=20",
         "evaluation.condition_until=400", "evaluation.splits=[test]",
-        "population.max_rounds=1", "calibration.max_iter=5"]
+        "population.max_rounds=1", "calibration.max_iter=5", "output.plots=false"]
 
 
 def cli_run(out: Path, *cache_args: str) -> tuple[int, int]:

@@ -121,8 +121,11 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, capsys, monkeypatch):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT"]
+    assert list(rows[0]) == ["ID", "TIME", "OBS", "DV", "PRED", "PRED_LO", "PRED_HI", "SPLIT",
+                             "STATUS"]
+    assert {r["STATUS"] for r in rows} <= {"ok", "not_converged"}
     assert all(float(r["PRED_LO"]) <= float(r["PRED"]) <= float(r["PRED_HI"]) for r in rows)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
 def test_predictions_reimport_as_an_event_table(tmp_path):
@@ -132,7 +135,8 @@ def test_predictions_reimport_as_an_event_table(tmp_path):
         args += ["--set", s]
     assert main(args) == 0
     cohort = read_event_table(out / "predictions.csv", BergmanMinimal(),
-                              ignore_columns=("PRED", "PRED_LO", "PRED_HI", "SPLIT"))
+                              ignore_columns=("PRED", "PRED_LO", "PRED_HI", "SPLIT",
+                                              "STATUS"))
     assert cohort.n_patients > 0 and cohort.observable_names == ("glucose", "insulin")
 
 

@@ -28,7 +28,8 @@ CODE = textwrap.dedent("""
 
 def run(devices: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}")
     res = subprocess.run([sys.executable, "-c", CODE + FIT], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

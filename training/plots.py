@@ -80,9 +80,10 @@ def write_vpc(run_dir: Path, model, cohort, typical, omega, error_model, free,
     centers = 0.5 * (edges[1:] + edges[:-1])
 
     def binned(values):
+        # NaN (a simulated patient whose solve failed) is left out of the percentiles
         out = np.full((3, centers.size), np.nan)
         for b in range(centers.size):
-            sel = data & (t >= edges[b]) & (t <= edges[b + 1])
+            sel = data & (t >= edges[b]) & (t <= edges[b + 1]) & np.isfinite(values)
             if sel.any():
                 out[:, b] = np.percentile(values[sel], [10, 50, 90])
         return out

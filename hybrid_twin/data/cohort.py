@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -94,15 +95,19 @@ class Cohort(eqx.Module):
     def split(self, fractions: dict[str, float], seed: int = 0) -> dict[str, Cohort]:
         """Split by patient into named parts, e.g. {"train": .7, "val": .15, "test": .15}.
 
-        Patients are shuffled with `seed`; fractions must sum to 1. Each patient lands
-        in exactly one part.
+        Fractions must be >= 0 and sum to 1. Each patient's part depends only on its ID
+        and `seed`, not on the order of the patients: patients are ranked by
+        sha256(f"{seed}:{id}") and the ranking is cut at the cumulative fractions (part
+        sizes rounded), so reordering the rows of a data file moves no patient to another
+        part. Within a part, patients keep the cohort's order.
         """
         total = sum(fractions.values())
         if not np.isclose(total, 1.0) or any(f < 0 for f in fractions.values()):
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-        perm = np.random.default_rng(seed).permutation(self.n_patients)
+        rank = sorted(range(self.n_patients), key=lambda i: hashlib.sha256(
+            f"{seed}:{self.ids[i]}".encode("utf-8")).digest())
         bounds = np.round(np.cumsum([0.0, *fractions.values()]) * self.n_patients).astype(int)
-        return {name: self.select(np.sort(perm[bounds[i]:bounds[i + 1]]))
+        return {name: self.select(np.sort(np.asarray(rank[bounds[i]:bounds[i + 1]], np.int64)))
                 for i, name in enumerate(fractions)}
 
     @staticmethod

@@ -12,9 +12,12 @@ row as `file:line: reason`; nothing is silently dropped.
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -25,11 +28,18 @@ from ..models.base import MechanisticModel
 from ..schedule import Schedule
 from ..errors import InputError
 from .cohort import Cohort
+from .pseudonym import pseudonymise_id
 
 STANDARD = ("ID", "TIME", "EVID", "DV", "OBS", "AMT", "RATE", "CMT", "MDV")
 REQUIRED = ("ID", "TIME")
 MISSING = ("", ".")
 MAX_REPORTED = 50
+MAX_LISTED = 10
+TIME_UNITS_S = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+"""Seconds per time unit: the units a table (`data.time_unit`) or a model may declare."""
+CATEGORICAL = ("error", "ignore", "one_hot")
+BOM = b"\xef\xbb\xbf"
+logger = logging.getLogger(__name__)
 
 
 class EventTableError(InputError):
@@ -45,6 +55,53 @@ class EventTableError(InputError):
         super().__init__(text)
 
 
+class DataFileNotFoundError(InputError, FileNotFoundError):
+    """A data file (event table, cohort file) that does not exist."""
+
+
+def time_factor(data_unit: str | None, model_unit: str) -> float:
+    """The factor that converts times in `data_unit` to `model_unit` (1 when `data_unit`
+    is None: the data are in the model's unit). InputError naming `data.time_unit` for a
+    unit other than s, min, h or d."""
+    if data_unit is None:
+        return 1.0
+    for unit, owner in ((data_unit, "data.time_unit"), (model_unit, "the model's time unit")):
+        if unit not in TIME_UNITS_S:
+            raise InputError(f"{owner} {unit!r} is not a known time unit; expected one of "
+                             f"{', '.join(TIME_UNITS_S)}")
+    return TIME_UNITS_S[data_unit] / TIME_UNITS_S[model_unit]
+
+
+def read_data_file(path: str, what: str = "event table") -> bytes:
+    """The bytes of a data file, with an InputError naming it when it is missing, a
+    folder or unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder; expected a file ({what})") from None
+    except PermissionError:
+        raise InputError(f"{path}: no permission to read the {what}") from None
+
+
+def _decode(path: str, data: bytes) -> str:
+    """UTF-8 text (a leading byte-order mark dropped), or an EventTableError naming the
+    line and byte offset of the first byte that is not UTF-8."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        off = e.start + skip
+        line = data.count(b"\n", 0, off) + 1
+        col = off - (data.rfind(b"\n", 0, off) + 1) + 1
+        raise EventTableError(path, [
+            f"{path}:{line}: byte 0x{data[off]:02x} at byte offset {off} (byte {col} of the "
+            "line) is not UTF-8; save the table as UTF-8 (it may be Latin-1 or Windows-1252 "
+            "text)"]) from None
+
+
 def _number(text: str) -> float | None:
     text = text.strip()
     if text in MISSING:
@@ -52,52 +109,153 @@ def _number(text: str) -> float | None:
     return float(text)
 
 
+def _is_text(text: str) -> bool:
+    """True for a cell that is neither missing nor a number."""
+    try:
+        _number(text)
+    except ValueError:
+        return True
+    return False
+
+
+def _show(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "empty"
+    return f"{v:g}" if isinstance(v, float) else repr(v)
+
+
 def read_event_table(
     path: str | os.PathLike, model: MechanisticModel, *, dtype=None,
-    ignore_columns: tuple[str, ...] = (),
+    ignore_columns: Sequence[str] = (), categorical: str = "error",
+    max_abs_value: float = 1e12, time_unit: str | None = None,
+    require_observations: bool = True, pseudonym_key: bytes | None = None,
+    notes: dict | None = None, id_map: dict[str, str] | None = None,
 ) -> Cohort:
     """Read a CSV event table into a `Cohort` for `model`.
 
-    OBS and CMT names are mapped onto `model.observables` and `model.dose_targets`
-    (a CMT may also name the target's state). OBS may be omitted when the model has one
-    observable, CMT when it has one dose target. Without an EVID column, rows with an AMT
-    are doses and the others observations, and (with no MDV column either) an observation
-    with an empty DV is a record without a value. `ignore_columns` are neither standard columns
-    nor covariates (e.g. the PRED columns of a run's predictions.csv).
+    The file is UTF-8 (a byte-order mark is accepted) and comma-separated, with one header
+    row whose column names are unique regardless of case. OBS and CMT names are mapped onto
+    `model.observables` and `model.dose_targets` (a CMT may also name the target's state).
+    OBS may be omitted when the model has one observable, CMT when it has one dose target.
+    Without an EVID column, rows with an AMT are doses and the others observations, and
+    (with no MDV column either) an observation with an empty DV is a record without a value.
+    Every bad row is reported, by line, in one `EventTableError`.
+
+    Args:
+        ignore_columns: columns that are read as neither standard columns nor covariates
+            (e.g. the PRED columns of a run's predictions.csv); each must exist.
+        categorical: what to do with covariate columns holding text: "error" (one problem
+            per column), "ignore" (drop them) or "one_hot" (a 0/1 covariate `COL=value` per
+            distinct value, sorted; empty cells stay missing).
+        max_abs_value: TIME, DV, AMT, RATE and covariates beyond this magnitude are errors.
+        time_unit: the unit of TIME in the file (s, min, h, d); TIME and RATE (amount per
+            time unit) are converted to `model.time_unit`. None: the model's unit.
+        require_observations: a patient without any observation that has a value is an
+            error (False for pure simulation).
+        pseudonym_key: when given, each ID is replaced by `pseudonymise_id(ID, key)` and no
+            message names a raw ID (nor quotes the text of a text covariate, which might
+            hold identifying data).
+        notes: when a dict, it receives what the import did besides reading: the columns
+            ignored or one-hot encoded, the time conversion, the number of pseudonymised
+            IDs (no raw IDs; fit for a log).
+        id_map: when a dict (and `pseudonym_key` is given), it receives {raw ID: pseudonym}.
     """
     path = str(path)
     dtype = dtype or jnp.result_type(float)
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"event table not found: {path}") from None
+    if categorical not in CATEGORICAL:
+        raise InputError(f"data.categorical {categorical!r}: expected one of "
+                         f"{', '.join(CATEGORICAL)}")
+    factor = time_factor(time_unit, model.time_unit)
+    text = _decode(path, read_data_file(path))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    rows = [(reader.line_num, row) for row in reader]
     if header is None or not [h for h in header if h.strip()]:
         raise EventTableError(path, ["line 1: the file is empty; expected a header row "
                                      f"with at least {', '.join(REQUIRED)}"])
     names = [h.strip() for h in header]
-    canon = {n.upper(): i for i, n in enumerate(names) if n.upper() in STANDARD}
+    if len(names) == 1:
+        for sep, word in ((";", ";"), ("\t", "tab")):
+            if sep in header[0]:
+                raise EventTableError(path, [
+                    f"line 1: the file seems to be {word}-delimited; event tables are "
+                    f"comma-separated (header: {header[0][:80]!r})"])
+    ignored = {c.strip() for c in ignore_columns}
+    problems: list[str] = []
+    for c in sorted(ignored):
+        if c not in names:
+            problems.append(f"line 1: ignored column {c!r} is not in the header "
+                            f"({', '.join(names)})")
+    kept = [(i, n) for i, n in enumerate(names) if n and n not in ignored]
+    by_name: dict[str, list[tuple[int, str]]] = {}
+    for i, n in kept:
+        by_name.setdefault(n.upper(), []).append((i, n))
+    for same in by_name.values():
+        if len(same) > 1:
+            cols = " and ".join(f"{n} (column {i + 1})" for i, n in same)
+            problems.append(f"line 1: duplicate columns {cols}; column names must be unique "
+                            "(case does not matter): remove or rename all but one")
+    if problems:
+        raise EventTableError(path, problems)
+    canon = {n.upper(): i for i, n in kept if n.upper() in STANDARD}
     missing = [c for c in REQUIRED if c not in canon]
     if missing:
+        also = f"; ignored: {', '.join(sorted(ignored))}" if ignored else ""
         raise EventTableError(path, [f"line 1: missing required column(s) {', '.join(missing)} "
-                                     f"(header: {', '.join(names)})"])
-    cov_cols = [(i, n) for i, n in enumerate(names)
-                if n.upper() not in STANDARD and n and n not in ignore_columns]
+                                     f"(header: {', '.join(names)}{also})"])
+    if not rows:
+        raise EventTableError(path, ["line 2: the file has a header but no rows"])
+    cov_cols = [(i, n) for i, n in kept if n.upper() not in STANDARD]
+    unnamed = [i for i, n in enumerate(names) if not n]
+    texts: dict[int, dict] = {}
+    for line, row in rows:
+        if len(row) != len(names):
+            continue
+        for i in unnamed:
+            if row[i].strip() not in MISSING:
+                problems.append(f"{path}:{line}: column {i + 1} has no name in the header but "
+                                f"holds {row[i].strip()!r}")
+        for i, name in cov_cols:
+            cell_text = row[i].strip()
+            if _is_text(cell_text):
+                info = texts.setdefault(i, {"line": line, "values": {}, "rows": 0})
+                info["values"].setdefault(cell_text, line)
+                info["rows"] += 1
+    one_hot: dict[int, list[str]] = {}
+    dropped: list[str] = []
+    for i, name in cov_cols:
+        if i not in texts:
+            continue
+        info = texts[i]
+        if categorical == "error":
+            examples = ("" if pseudonym_key is not None else
+                        ", ".join(repr(v) for v in list(info["values"])[:4]) + "; ")
+            problems.append(
+                f"{path}:{info['line']}: covariate {name} holds text ({examples}"
+                f"{len(info['values'])} distinct value(s) in {info['rows']} row(s)); covariates "
+                f"must be numbers: leave it out with `data.ignore_columns: [{name}]`, or set "
+                "`data.categorical: one_hot` (0/1 covariates) or `ignore` (drop text columns)")
+        elif categorical == "ignore":
+            dropped.append(name)
+        else:
+            one_hot[i] = sorted(info["values"])
+    if categorical == "ignore":
+        cov_cols = [(i, n) for i, n in cov_cols if i not in texts]
     n_obs_names = len(model.observables)
     target_by_name = {d.name: j for j, d in enumerate(model.dose_targets)}
     for j, d in enumerate(model.dose_targets):
         target_by_name.setdefault(d.state, j)
-    problems: list[str] = []
     patients: OrderedDict[str, dict] = OrderedDict()
     seen_rows: dict[tuple, int] = {}
-    if not rows:
-        raise EventTableError(path, ["line 2: the file has a header but no rows"])
+    pseudonyms: dict[str, str] = {}
+    owners: dict[str, tuple[str, int]] = {}
 
     def cell(row, col):
         i = canon.get(col)
         return row[i].strip() if i is not None and i < len(row) else ""
+
+    def label(pid: str) -> str:
+        return pseudonyms.get(pid, pid) if pseudonym_key is not None else pid
 
     for line, row in rows:
         if not any(c.strip() for c in row):
@@ -115,6 +273,15 @@ def read_event_table(
         if pid in MISSING:
             problems.append(f"{path}:{line}: ID is empty")
             continue
+        if pseudonym_key is not None and pid not in pseudonyms:
+            pseudo = pseudonymise_id(pid, pseudonym_key)
+            if pseudo in owners:
+                problems.append(f"{path}:{line}: this row's ID has the same pseudonym as the "
+                                f"different ID of line {owners[pseudo][1]}; use another "
+                                "pseudonymisation key")
+                continue
+            pseudonyms[pid] = pseudo
+            owners[pseudo] = (pid, line)
         bad = []
         values = {}
         for col in ("TIME", "EVID", "DV", "AMT", "RATE", "MDV"):
@@ -127,7 +294,25 @@ def read_event_table(
             if v is not None and not math.isfinite(v):
                 bad.append(f"{col} is {text!r}; expected a finite number")
                 continue
+            if v is not None and abs(v) > max_abs_value:
+                bad.append(f"{col} {text} is beyond the plausible magnitude "
+                           f"{max_abs_value:g} (data.max_abs_value)")
+                continue
             values[col] = v
+        cov = []
+        for i, name in cov_cols:
+            text = row[i].strip()
+            if i in texts:
+                cov.append(None if text in MISSING else text)
+                continue
+            v = _number(text)
+            if v is not None and not math.isfinite(v):
+                bad.append(f"covariate {name} is {text!r}; expected a finite number "
+                           "(leave the cell empty for a missing value)")
+            elif v is not None and abs(v) > max_abs_value:
+                bad.append(f"covariate {name} {text} is beyond the plausible magnitude "
+                           f"{max_abs_value:g} (data.max_abs_value)")
+            cov.append(math.nan if v is None else v)
         if bad:
             problems.append(f"{path}:{line}: " + "; ".join(bad))
             continue
@@ -144,32 +329,31 @@ def read_event_table(
             problems.append(f"{path}:{line}: EVID {cell(row, 'EVID')!r}; expected 0 "
                             "(observation) or 1 (dose)")
             continue
+        if values.get("MDV") not in (None, 0.0, 1.0):
+            problems.append(f"{path}:{line}: MDV {cell(row, 'MDV')!r}; expected 0 (DV "
+                            "present) or 1 (DV missing)")
+            continue
         p = patients.setdefault(pid, {"obs": [], "doses": [], "cov": None, "cov_line": line,
-                                      "last_t": -math.inf, "last_line": line})
+                                      "first_line": line, "last_t": -math.inf,
+                                      "last_line": line})
         if t < p["last_t"]:
             problems.append(f"{path}:{line}: TIME {t:g} is before the previous row of ID "
-                            f"{pid} (line {p['last_line']}, TIME {p['last_t']:g}); times must "
-                            "not decrease within an ID")
+                            f"{label(pid)} (line {p['last_line']}, TIME {p['last_t']:g}); "
+                            "times must not decrease within an ID")
             continue
         p["last_t"], p["last_line"] = t, line
-        cov = []
-        for i, name in cov_cols:
-            text = row[i].strip()
-            try:
-                v = _number(text)
-            except ValueError:
-                problems.append(f"{path}:{line}: covariate {name} {text!r} is not a number "
-                                "(encode categories as numbers)")
-                v = None
-            cov.append(math.nan if v is None else v)
         if p["cov"] is None:
             p["cov"] = cov
         else:
             for (i, name), a, b in zip(cov_cols, p["cov"], cov):
-                if not (a == b or (math.isnan(a) and math.isnan(b))):
-                    problems.append(f"{path}:{line}: covariate {name} changes within ID {pid} "
-                                    f"({a:g} at line {p['cov_line']}, {b:g} here); covariates "
-                                    "must be constant per patient")
+                if i in texts and categorical == "error":
+                    continue
+                if not (a == b or (isinstance(a, float) and isinstance(b, float)
+                                   and math.isnan(a) and math.isnan(b))):
+                    problems.append(f"{path}:{line}: covariate {name} changes within ID "
+                                    f"{label(pid)} ({_show(a)} at line {p['cov_line']}, "
+                                    f"{_show(b)} here); covariates must be constant per "
+                                    "patient")
         if evid == 0.0:
             k = _resolve(cell(row, "OBS"), "OBS", "observable",
                          dict(zip(model.observable_names, range(n_obs_names))), model)
@@ -200,9 +384,60 @@ def read_event_table(
                 problems.append(f"{path}:{line}: {j}")
                 continue
             p["doses"].append((t, amt, rate, j))
+    if not problems and require_observations:
+        empty = [pid for pid, p in patients.items()
+                 if not any(not miss for *_, miss in p["obs"])]
+        if empty:
+            shown = empty[:MAX_LISTED]
+            who = (f"the patients whose rows start at line(s) "
+                   f"{', '.join(str(patients[pid]['first_line']) for pid in shown)}"
+                   if pseudonym_key is not None else f"ID(s) {', '.join(shown)}")
+            more = f" and {len(empty) - len(shown)} more" if len(empty) > len(shown) else ""
+            problems.append(
+                f"{path}: {len(empty)} patient(s) without any observation with a value "
+                f"(an EVID=0 row with a DV and MDV=0), which a fit cannot use: {who}{more}; "
+                "remove them, or simulate them (hybrid-twin simulate)")
     if problems:
         raise EventTableError(path, problems)
-    return _to_cohort(patients, model, [n for _, n in cov_cols], dtype)
+    cov_names, cov_rows = _expand_covariates(cov_cols, one_hot, patients)
+    ids = tuple(label(pid) for pid in patients)
+    cohort = _to_cohort(patients, ids, model, cov_names, cov_rows, dtype, factor)
+    if pseudonym_key is not None and id_map is not None:
+        id_map.update((pid, pseudonyms[pid]) for pid in patients)
+    done = {}
+    if ignored:
+        done["ignored_columns"] = sorted(ignored)
+    if dropped:
+        done["categorical_ignored"] = dropped
+    if one_hot:
+        done["one_hot"] = {dict(cov_cols)[i]: v for i, v in one_hot.items()}
+    if factor != 1.0:
+        done["time_unit"] = {"data": time_unit, "model": model.time_unit, "factor": factor}
+    if pseudonym_key is not None:
+        done["pseudonymised"] = len(patients)
+    if done:
+        logger.info("%s: %s", path, done)
+    if notes is not None:
+        notes.update(done)
+    return cohort
+
+
+def _expand_covariates(cov_cols, one_hot, patients) -> tuple[list[str], list[list[float]]]:
+    """Covariate names and per-patient rows, each one-hot column expanded into 0/1
+    columns `COL=value` (NaN where the patient's cell is empty)."""
+    names: list[str] = []
+    for i, name in cov_cols:
+        names += [f"{name}={v}" for v in one_hot[i]] if i in one_hot else [name]
+    rows = []
+    for p in patients.values():
+        row: list[float] = []
+        for (i, _), v in zip(cov_cols, p["cov"]):
+            if i in one_hot:
+                row += [math.nan if v is None else float(v == c) for c in one_hot[i]]
+            else:
+                row.append(v)
+        rows.append(row)
+    return names, rows
 
 
 def _resolve(name: str, column: str, kind: str, known: dict[str, int],
@@ -219,7 +454,9 @@ def _resolve(name: str, column: str, kind: str, known: dict[str, int],
     return f"{column} {name!r} is not {article} {kind} of {type(model).__name__} ({valid})"
 
 
-def _to_cohort(patients, model, cov_names, dtype) -> Cohort:
+def _to_cohort(patients, ids, model, cov_names, cov_rows, dtype, factor=1.0) -> Cohort:
+    """Padded arrays of the parsed patients; times multiplied and rates divided by
+    `factor` (data time unit -> model time unit)."""
     n = len(patients)
     m = max([len(p["obs"]) for p in patients.values()] + [1])
     d = max([len(p["doses"]) for p in patients.values()] + [1])
@@ -230,7 +467,7 @@ def _to_cohort(patients, model, cov_names, dtype) -> Cohort:
     obs_miss = np.zeros((n, m), bool)
     dose = np.zeros((4, n, d))
     dose_mask = np.zeros((n, d), bool)
-    cov = np.zeros((n, len(cov_names)))
+    cov = np.asarray(cov_rows, float).reshape(n, len(cov_names))
     for i, p in enumerate(patients.values()):
         for j, (t, v, k, miss) in enumerate(p["obs"]):
             obs_t[i, j], obs_v[i, j], obs_k[i, j], obs_miss[i, j] = t, v, k, miss
@@ -240,7 +477,10 @@ def _to_cohort(patients, model, cov_names, dtype) -> Cohort:
         for j, row in enumerate(p["doses"]):
             dose[:, i, j] = row
         dose_mask[i, :len(p["doses"])] = True
-        cov[i] = p["cov"]
+    if factor != 1.0:
+        obs_t *= factor
+        dose[0] *= factor
+        dose[2] /= factor
     n_in = len(model.inputs)
     schedule = Schedule(
         dose_times=jnp.asarray(dose[0], dtype), dose_amounts=jnp.asarray(dose[1], dtype),
@@ -252,7 +492,7 @@ def _to_cohort(patients, model, cov_names, dtype) -> Cohort:
         obs_times=jnp.asarray(obs_t, dtype), obs_values=jnp.asarray(obs_v, dtype),
         obs_index=jnp.asarray(obs_k), obs_mask=jnp.asarray(obs_mask),
         obs_missing=jnp.asarray(obs_miss), schedule=schedule,
-        covariates=jnp.asarray(cov, dtype), ids=tuple(patients),
+        covariates=jnp.asarray(cov, dtype), ids=ids,
         observable_names=model.observable_names, covariate_names=tuple(cov_names))
 
 

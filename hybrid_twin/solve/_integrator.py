@@ -231,7 +231,8 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
             None with dense (K, P, L) directions.
         k_dim: K (0: no sensitivities).
         write: `write(s, y, out) -> out` after slot s with every lane's state list `y`
-            (states, then sensitivities); `out` is carried through the walk.
+            (states, then sensitivities; NaN in a lane that failed before the slot's
+            time); `out` is carried through the walk.
         loop: the inner loop of steps: "lax" (`lax.while_loop`: forward mode; what Pallas
             lowers) or "checkpointed" (reverse mode, on arrays).
         emit: return the states after every slot as `out`, (M, S, L), from a `lax.scan`
@@ -442,11 +443,17 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
         h = [hv + js[a] * js[b] if b < len(js) else hv for hv, (a, b) in zip(acc.h, tri)]
         return Normal(h, g, acc.cost + 0.5 * r * r)
 
+    def saved(st: Step, t_o):
+        """The states written for slot time t_o: NaN in a lane whose solve failed before
+        reaching t_o (never the stale state of an earlier time)."""
+        lost = (st.status != Status.OK) & (st.status != Status.SKIPPED) & (st.t < t_o)
+        return [jnp.where(lost, jnp.nan, v) for v in st.y]
+
     def slot(s, carry):
         st, acc, out_ = carry
         st = to_slot(src.ts[s], st)
         if write is not None:
-            out_ = write(s, st.y, out_)
+            out_ = write(s, saved(st, src.ts[s]), out_)
         if has_data:
             acc = accumulate(s, st.y, acc)
         return st, acc, out_
@@ -461,7 +468,7 @@ def integrate(model, src: Sources, *, lanes: int, dtype, method: Method,
     if emit:
         def scan_slot(carry, s):
             st, acc, _ = slot(s, (*carry, None))
-            return (st, acc), jnp.stack(st.y[:s_dim])
+            return (st, acc), jnp.stack(saved(st, src.ts[s])[:s_dim])
 
         (st, acc), out = jax.lax.scan(scan_slot, (st0, normal0),
                                       jnp.arange(n_slots, dtype=jnp.int32))

@@ -166,6 +166,9 @@ class Diffrax(Backend):
                 eqxi.unvmap_all(ta == tb), skip, solve, y, ta, tb, window, dt_hint,
                 q_passed[k])
             mine = (seg_sorted[window] == k)[:, None]
+            # a patient that failed (before or in this segment) saves NaN where the solve
+            # did not reach (diffrax fills those with inf), never a stale state
+            ys = jnp.where((status == Status.OK) & jnp.isfinite(ys), ys, jnp.nan)
             out = out.at[window].set(jnp.where(mine, ys, out[window]))
             steps = steps + n.astype(jnp.int32)
             status = jnp.where(status == Status.OK, code, status)

@@ -76,7 +76,7 @@ BAD = [
     ("ID,TIME,EVID,DV\n1,0,2,3\n", r"events.csv:2: EVID '2'"),
     ("ID,TIME,EVID,DV\n1,0,0\n", r"events.csv:2: 3 fields, expected 4"),
     ("ID,TIME,EVID,DV\n1,0,0,\n", r"events.csv:2: observation without DV"),
-    ("ID,TIME,EVID,DV,SEX\n1,0,0,3,M\n", r"events.csv:2: covariate SEX 'M' is not a number"),
+    ("ID,TIME,EVID,DV,SEX\n1,0,0,3,M\n", r"events.csv:2: covariate SEX holds text \('M'"),
 ]
 
 
