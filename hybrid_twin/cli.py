@@ -13,9 +13,10 @@ Every command that computes turns on JAX's persistent compilation cache first (s
 `--no-compile-cache` switches it off, and `--log-compiles` (or HYBRID_TWIN_LOG_COMPILES=1)
 prints `compilations: C (persistent cache hits: H)` to stderr at exit.
 
-Errors (`hybrid_twin.errors`): bad input (config, data, run directory, arguments) prints
-`hybrid-twin: error: <what and where>` and exits 2; a failing environment (read-only or
-full disk, missing file permissions) or a run in which every patient failed exits 1;
+Errors (`hybrid_twin.errors`): bad input (config, data, run directory, arguments, a
+`device: gpu` that JAX cannot see) prints `hybrid-twin: error: <what and where>` and exits
+2; a failing environment (read-only or full disk, missing file permissions) or a run in
+which every patient failed exits 1;
 Ctrl-C exits 130; anything else is reported as an internal error (exit 1). `--debug`
 shows the traceback instead.
 """
@@ -115,9 +116,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_private_paths(cfg, out)
     from training.run import run_experiment
 
-    restart = {"force_restart": True} if args.force_restart else {}
     with _writing_in(out):
-        out = run_experiment(cfg, out, stop_after=args.stage, **restart)
+        out = run_experiment(cfg, out, stop_after=args.stage,
+                             force_restart=args.force_restart)
     print(f"run directory: {out.resolve()}")
     return 0
 
@@ -210,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_cache_options(top_level=True), _debug_option(top_level=True)],
         description="Hybrid mechanistic-ML digital twins of patients.",
         epilog="Exit codes: 0 success, 2 bad input (config, data, arguments, run "
-               "directory), 1 environment failure (disk, permissions, device) or a run in "
-               "which every patient failed, 130 interrupted.")
+               "directory, a requested device that is missing), 1 environment failure "
+               "(disk, permissions) or a run in which every patient failed, 130 "
+               "interrupted.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kwargs) -> argparse.ArgumentParser:
