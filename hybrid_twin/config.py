@@ -27,6 +27,9 @@ from typing import Any
 import yaml
 
 from .calibrate import ERROR_KINDS, ErrorModel
+from .data.events import CATEGORICAL, MAX_ABS_VALUE, TIME_UNITS_S
+from .data.load import check_data_options
+from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
 from .models import REGISTRY
@@ -101,8 +104,7 @@ class VirtualConfig:
     noise: NoiseModel = dataclasses.field(default_factory=NoiseModel)
 
 
-TIME_UNITS = ("s", "min", "h", "d")
-CATEGORICAL = ("error", "ignore", "one_hot")
+TIME_UNITS = tuple(TIME_UNITS_S)
 
 
 @dataclasses.dataclass
@@ -126,7 +128,7 @@ class DataConfig:
     time_unit: str | None = None
     ignore_columns: list[str] = dataclasses.field(default_factory=list)
     categorical: str = "error"
-    max_abs_value: float = 1e12
+    max_abs_value: float = MAX_ABS_VALUE
     pseudonymise: bool = False
     pseudonym_key_env: str = "HYBRID_TWIN_PSEUDONYM_KEY"
     pseudonym_key_file: str | None = None
@@ -472,7 +474,8 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
 
 def _check_data(data: DataConfig, check_paths: bool) -> None:
     """The data section: a path for csv/hdf5 that (with `check_paths`) is a regular file
-    of the declared kind; the pseudonymisation key's source."""
+    of the declared kind; no option that would have no effect; with `pseudonymise`
+    (and `check_paths`), a usable key in its file or environment variable."""
     if not data.pseudonym_key_env.strip():
         raise ConfigError("data.pseudonym_key_env: must name an environment variable")
     for i, col in enumerate(data.ignore_columns):
@@ -480,19 +483,18 @@ def _check_data(data: DataConfig, check_paths: bool) -> None:
             raise ConfigError(f"data.ignore_columns[{i}]: empty column name")
     if data.source in ("csv", "hdf5") and not data.path:
         raise ConfigError(f"data.path: required when data.source is {data.source!r}")
-    if not check_paths:
-        return
-    if data.source in ("csv", "hdf5"):
-        _check_data_file(data.source, Path(data.path))
-    if data.pseudonym_key_file is not None:
-        key = Path(data.pseudonym_key_file)
-        if not key.is_file():
-            what = "is not a regular file" if key.exists() else "file not found"
-            raise ConfigError(f"data.pseudonym_key_file: {what}: {key}")
-    elif data.pseudonymise and not os.environ.get(data.pseudonym_key_env):
-        raise ConfigError(f"data.pseudonymise: no key: the environment variable "
-                          f"{data.pseudonym_key_env} (data.pseudonym_key_env) is unset or "
-                          "empty and data.pseudonym_key_file is not set")
+    try:
+        check_data_options(data)
+        if not check_paths:
+            return
+        if data.source in ("csv", "hdf5"):
+            _check_data_file(data.source, Path(data.path))
+        if data.pseudonymise:
+            load_pseudonym_key(data.pseudonym_key_env, data.pseudonym_key_file)
+    except ConfigError:
+        raise
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     if data.pseudonym_map is not None and not Path(data.pseudonym_map).parent.is_dir():
         raise ConfigError(f"data.pseudonym_map: directory not found: "
                           f"{Path(data.pseudonym_map).parent}")

@@ -38,6 +38,8 @@ MAX_LISTED = 10
 TIME_UNITS_S = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 """Seconds per time unit: the units a table (`data.time_unit`) or a model may declare."""
 CATEGORICAL = ("error", "ignore", "one_hot")
+MAX_ABS_VALUE = 1e12
+"""Default largest |value| accepted in a numeric cell (`data.max_abs_value`)."""
 BOM = b"\xef\xbb\xbf"
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def _show(v) -> str:
 def read_event_table(
     path: str | os.PathLike, model: MechanisticModel, *, dtype=None,
     ignore_columns: Sequence[str] = (), categorical: str = "error",
-    max_abs_value: float = 1e12, time_unit: str | None = None,
+    max_abs_value: float = MAX_ABS_VALUE, time_unit: str | None = None,
     require_observations: bool = True, pseudonym_key: bytes | None = None,
     notes: dict | None = None, id_map: dict[str, str] | None = None,
 ) -> Cohort:
