@@ -8,8 +8,9 @@
 the readers, the options of the block (`time_unit`, `ignore_columns`, `categorical`,
 `max_abs_value`) and pseudonymisation (`pseudonymise`, the key from
 `pseudonym_key_file` or the environment variable `pseudonym_key_env`, the map written to
-`pseudonym_map` on request). Relative paths are resolved against `config_dir`. Every
-rejection is an `InputError` naming the config key or the file.
+`pseudonym_map` on request). Relative paths are resolved against `config_dir` (a config
+from `hybrid_twin.config.load_config` holds them absolute already). Every rejection is an
+`InputError` naming the config key or the file.
 """
 
 from __future__ import annotations
