@@ -116,11 +116,13 @@ class DataConfig:
     (s | min | h | d; null: the model's own unit), converted on import; `ignore_columns`,
     neither standard columns nor covariates; `categorical`, what a text covariate column
     does (error | ignore | one_hot); `max_abs_value`, the largest |value| accepted in any
-    numeric cell (larger ones are errors naming the row). `pseudonymise` replaces every
+    numeric cell (larger ones are errors naming the row). These are errors with another
+    source (a `time_unit` other than the model's too). `pseudonymise` replaces every
     patient ID on import by a keyed hash; the key comes from `pseudonym_key_file` (relative
     to the config file) or else from the environment variable named `pseudonym_key_env`,
     and is never written to the run directory; `pseudonym_map`, if set, is where the
-    raw -> pseudonym mapping is written (outside the run directory)."""
+    raw -> pseudonym mapping is written (outside the run directory). Both need
+    `pseudonymise: true`."""
 
     source: str = "virtual"
     path: str | None = None
