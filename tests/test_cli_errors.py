@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from hybrid_twin.compile_cache import parse_summary
+from hybrid_twin.config import ConfigError
 from hybrid_twin.errors import RunFailed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,8 +312,6 @@ def test_argument_checks(tmp_path, capsys):
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     # --debug (before or after the subcommand) shows the exception itself
-    from hybrid_twin.config import ConfigError
-
     for argv in (["--debug", "run", QUICK, "--set", "seed=-1"],
                  ["run", QUICK, "--set", "seed=-1", "--debug"]):
         with pytest.raises(ConfigError, match="seed: must be >= 0"):
@@ -320,6 +319,8 @@ def test_argument_checks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("error, code, message", [
+    (ConfigError("device: gpu requested but JAX sees only cpu devices"), 2,
+     "hybrid-twin: error: device: gpu requested but JAX sees only cpu devices"),
     (RunFailed("every patient failed (solver: max steps)"), 1,
      "hybrid-twin: run failed: every patient failed (solver: max steps)"),
     (KeyboardInterrupt(), 130, "hybrid-twin: interrupted"),
