@@ -21,8 +21,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/hybrid-twin run configs/quickstart.yaml --out runs/quickstart
 
+# A worker that dies (a compiler abort, say) fails the run at once and names its test
+# (--dist loadfile can wait forever for a replaced worker); --capture=sys lets a native
+# library's last words on stderr reach the log.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --capture=sys \
+		--durations=25 tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.simulate --n 10000 --out benchmarks/results/simulate-cpu.jsonl

@@ -113,7 +113,9 @@ class DataConfig:
 
     `source`: virtual | csv (an event table, DESIGN.md) | hdf5 (a cohort file) at `path`
     (relative to the config file). For event tables: `time_unit` of the TIME column
-    (s | min | h | d; null: the model's own unit), converted on import; `ignore_columns`,
+    (s | min | h | d; null: the model's own unit), converted on import; `units`, the units
+    of the columns TIME, DV, AMT and RATE where the header gives none (e.g. `{DV: ng/mL}`;
+    a header may write `DV (ng/mL)` instead), converted to the model's; `ignore_columns`,
     neither standard columns nor covariates; `categorical`, what a text covariate column
     does (error | ignore | one_hot); `max_abs_value`, the largest |value| accepted in any
     numeric cell (larger ones are errors naming the row). These are errors with another
@@ -128,6 +130,7 @@ class DataConfig:
     path: str | None = None
     virtual: VirtualConfig = dataclasses.field(default_factory=VirtualConfig)
     time_unit: str | None = None
+    units: dict[str, str] = dataclasses.field(default_factory=dict)
     ignore_columns: list[str] = dataclasses.field(default_factory=list)
     categorical: str = "error"
     max_abs_value: float = MAX_ABS_VALUE

@@ -331,6 +331,10 @@ def test_data_keys_change_the_cohort(study):
     # data.time_unit: TIME converted to the model's unit (hours)
     assert times(ignored) == [60.0, 120.0]
     assert times(study("data.categorical=ignore", "data.time_unit=min")) == [1.0, 2.0]
+    # data.units: DV in ng/mL is the model's mg/L divided by 1000
+    np.testing.assert_allclose(
+        np.asarray(study("data.categorical=ignore", "data.units={DV: ng/mL}").obs_values),
+        np.asarray(ignored.obs_values) / 1000)
     # data.max_abs_value: a larger dose (AMT 100) is an error naming the row and the key
     with pytest.raises(InputError, match=r"events.csv:2: .*data.max_abs_value"):
         study("data.categorical=ignore", "data.max_abs_value=99")

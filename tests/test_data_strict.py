@@ -209,6 +209,68 @@ def test_time_unit_conversion_equals_a_hand_converted_table(tmp_path):
         read_event_table(write(tmp_path, hours), model, time_unit="hours")
 
 
+def test_units_in_the_header_are_converted_to_the_models(tmp_path):
+    """TIME [min], DV (ng/mL), AMT [g], RATE [g/min] read as the same cohort as the table
+    written in the model's units (h, mg/L, mg, mg/h)."""
+    model_units = """ID,TIME,EVID,DV,AMT,RATE,CMT
+1,0,1,,320,0,depot
+1,0.5,0,4.2,,,
+1,2,1,,100,50,central
+1,3,0,7.5,,,
+"""
+    other_units = """ID,TIME [min],EVID,DV (ng/mL),AMT [g],RATE [g/min],CMT
+1,0,1,,0.32,0,depot
+1,30,0,4200,,,
+1,120,1,,0.1,0.000833333333333333333,central
+1,180,0,7500,,,
+"""
+    notes = {}
+    a = read_event_table(write(tmp_path, other_units), PK, notes=notes)
+    b = read_event_table(write(tmp_path, model_units, "h.csv"), PK)
+    for x, y in ((a.obs_times, b.obs_times), (a.obs_values, b.obs_values),
+                 (a.schedule.dose_times, b.schedule.dose_times),
+                 (a.schedule.dose_amounts, b.schedule.dose_amounts),
+                 (a.schedule.dose_rates, b.schedule.dose_rates)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)
+    assert notes["units"] == {"TIME": "min", "DV": "ng/mL", "AMT": "g", "RATE": "g/min"}
+    # without a unit of its own, RATE is in AMT's unit per TIME's unit
+    no_rate_unit = other_units.replace("RATE [g/min]", "RATE")
+    c = read_event_table(write(tmp_path, no_rate_unit, "r.csv"), PK)
+    np.testing.assert_allclose(np.asarray(c.schedule.dose_rates),
+                               np.asarray(b.schedule.dose_rates), rtol=1e-12)
+    # the same units declared by the caller (data.units) instead of the header
+    plain = other_units.replace(" [min]", "").replace(" (ng/mL)", "").replace(
+        " [g]", "").replace(" [g/min]", "")
+    d = read_event_table(write(tmp_path, plain, "p.csv"), PK, time_unit="min",
+                         units={"DV": "ng/mL", "AMT": "g", "RATE": "g/min"})
+    np.testing.assert_allclose(np.asarray(d.obs_values), np.asarray(b.obs_values), rtol=1e-12)
+
+
+@pytest.mark.parametrize("header, kw, message", [
+    ("ID,TIME,EVID,DV [mmol/L],OBS,AMT,CMT", {},
+     "DV is in 'mmol/L' but observable glucose of BergmanMinimal is in 'mg/dL'"),
+    ("ID,TIME,EVID,DV,OBS,AMT [mg],CMT", {},
+     "AMT is in 'mg' but dose target insulin of BergmanMinimal is in 'U'"),
+    ("ID,TIME [hours],EVID,DV,OBS,AMT,CMT", {}, "TIME unit 'hours' is not a time unit"),
+    ("ID [x],TIME,EVID,DV,OBS,AMT,CMT", {}, "column 'ID [x]' (column 1) carries a unit"),
+    ("ID,TIME [h],EVID,DV,OBS,AMT,CMT", {"time_unit": "min"},
+     "the header gives TIME in 'h' but data.time_unit says 'min'"),
+    ("ID,TIME,EVID,DV [g/L],OBS,AMT,CMT", {"units": {"DV": "mg/dL"}},
+     "the header gives DV in 'g/L' but data.units says 'mg/dL'"),
+    ("ID,TIME,EVID,DV,OBS,AMT,CMT", {"units": {"WT": "kg"}},
+     "data.units: 'WT' is not a column with a unit"),
+])
+def test_units_that_do_not_convert_are_errors(tmp_path, header, kw, message):
+    body = "\n".join(GLUCOSE.splitlines()[1:]) + "\ng2,5,1,,,2,insulin\n"
+    found = problems(tmp_path, header + "\n" + body, BergmanMinimal(), **kw)
+    assert any(message in p for p in found), found
+    if "is in" in message:
+        # named once per quantity that cannot take the unit (DV: glucose and insulin;
+        # AMT in mg converts for meals, in g), at the first row that needs it
+        assert len(found) == (2 if message.startswith("DV") else 1), found
+        assert all(p.startswith(str(tmp_path / "events.csv") + ":") for p in found)
+
+
 # --- HDF5 cohorts ----------------------------------------------------------------------
 
 GLUCOSE = """ID,TIME,EVID,DV,OBS,AMT,CMT
@@ -369,7 +431,8 @@ def test_pseudonym_key_sources(tmp_path, monkeypatch):
 def data_cfg(**kw):
     base = dict(source="csv", path=None, virtual=None, time_unit=None, ignore_columns=[],
                 categorical="error", max_abs_value=1e12, pseudonymise=False,
-                pseudonym_key_env="HT_TEST_KEY", pseudonym_key_file=None, pseudonym_map=None)
+                pseudonym_key_env="HT_TEST_KEY", pseudonym_key_file=None, pseudonym_map=None,
+                units=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -429,6 +492,14 @@ def test_load_cohort_rejections(tmp_path):
     with pytest.raises(InputError, match="data.time_unit 'min': only csv event tables are "
                                          "converted"):
         load_cohort(data_cfg(source="hdf5", path=str(h5), time_unit="min"), PK)
+    with pytest.raises(InputError, match="data.units: only csv event tables are converted"):
+        load_cohort(data_cfg(source="hdf5", path=str(h5), units={"DV": "ug/mL"}), PK)
+    # data.units reaches the event-table reader: DV in ng/mL is divided by 1000
+    plain, _, notes = load_cohort(data_cfg(path=str(write(tmp_path, TABLE, "t.csv"))), PK)
+    scaled, _, notes = load_cohort(data_cfg(path=str(tmp_path / "t.csv"),
+                                            units={"DV": "ng/mL"}), PK)
+    np.testing.assert_allclose(np.asarray(scaled.obs_values), np.asarray(plain.obs_values) / 1e3)
+    assert notes["units"] == {"DV": "ng/mL"}
 
 
 def test_data_fingerprint(tmp_path):

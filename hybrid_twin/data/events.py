@@ -2,7 +2,9 @@
 
 Columns (DESIGN.md, event-table contract): ID, TIME, EVID (0 observation, 1 dose), DV,
 OBS, AMT, RATE, CMT, MDV, and any other column is a covariate, constant within an ID.
-Empty cells and "." are missing values. At equal times, observation records see the
+Empty cells and "." are missing values. TIME, DV, AMT and RATE may carry their unit in the
+header, `TIME [h]` or `DV (ug/mL)`: values are converted to the model's units, and a unit
+that cannot be converted to the model's is an error. At equal times, observation records see the
 state before a dose (trough samples); `write_event_table` writes observations first.
 
 `read_event_table` checks every row and raises one `EventTableError` that lists each bad
@@ -16,8 +18,9 @@ import io
 import logging
 import math
 import os
+import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -37,6 +40,24 @@ MAX_REPORTED = 50
 MAX_LISTED = 10
 TIME_UNITS_S = {"s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 """Seconds per time unit: the units a table (`data.time_unit`) or a model may declare."""
+UNIT_COLUMNS = ("TIME", "DV", "AMT", "RATE")
+"""The standard columns whose header may carry a unit."""
+_UNIT_HEADER = re.compile(r"^(?P<name>[^\[\]()]+?)\s*[\[(]\s*(?P<unit>[^\[\]()]*?)\s*[\])]$")
+_MICRO = ("u", "\u00b5", "\u03bc", "mc")
+_SCALES: dict[str, tuple[str, float]] = {
+    "kg": ("mass", 1e3), "g": ("mass", 1.0), "mg": ("mass", 1e-3), "ng": ("mass", 1e-9),
+    "mol": ("amount of substance", 1.0), "mmol": ("amount of substance", 1e-3),
+    "nmol": ("amount of substance", 1e-9), "pmol": ("amount of substance", 1e-12),
+    "U": ("insulin units", 1.0), "IU": ("insulin units", 1.0), "mU": ("insulin units", 1e-3),
+    "mIU": ("insulin units", 1e-3),
+    "L": ("volume", 1.0), "dL": ("volume", 0.1), "mL": ("volume", 1e-3),
+}
+for _p in _MICRO:
+    _SCALES[f"{_p}g"] = ("mass", 1e-6)
+    _SCALES[f"{_p}mol"] = ("amount of substance", 1e-6)
+    _SCALES[f"{_p}L"] = ("volume", 1e-6)
+    _SCALES[f"{_p}U"] = ("insulin units", 1e-6)
+_SCALES.update({u: ("time", s) for u, s in TIME_UNITS_S.items()})
 CATEGORICAL = ("error", "ignore", "one_hot")
 MAX_ABS_VALUE = 1e12
 """Default largest |value| accepted in a numeric cell (`data.max_abs_value`)."""
@@ -59,6 +80,68 @@ class EventTableError(InputError):
 
 class DataFileNotFoundError(InputError, FileNotFoundError):
     """A data file (event table, cohort file) that does not exist."""
+
+
+def _parse_unit(unit: str) -> tuple[tuple[str, ...], float] | None:
+    """(dimensions, scale to the base units) of `A` or `A/B`, or None if unknown."""
+    parts = unit.replace(" ", "").split("/")
+    if len(parts) > 2 or not all(parts):
+        return None
+    known = [_SCALES.get(q) for q in parts]
+    if None in known:
+        return None
+    if len(known) == 1:
+        return (known[0][0],), known[0][1]
+    return (known[0][0], known[1][0]), known[0][1] / known[1][1]
+
+
+def unit_factor(data_unit: str, model_unit: str) -> float | None:
+    """The factor that converts a value in `data_unit` to `model_unit`, or None when the
+    two are not the same kind of quantity or a unit is unknown.
+
+    Units are a simple unit or a ratio `A/B` of them: mass (kg, g, mg, ug, ng), amount of
+    substance (mol ... pmol), insulin units (U, IU, mU, mIU, uU), volume (L, dL, mL, uL) and
+    time (s, min, h, d); `u`, `mc` and the micro sign all mean micro. Molar and mass
+    units do not convert into each other (that needs the molar mass).
+    """
+    if data_unit.replace(" ", "") == model_unit.replace(" ", ""):
+        return 1.0
+    a, b = _parse_unit(data_unit), _parse_unit(model_unit)
+    if a is None or b is None or a[0] != b[0]:
+        return None
+    return a[1] / b[1]
+
+
+def _header_units(names: list[str], declared: Mapping[str, str] | None
+                  ) -> tuple[list[str], dict[str, str], list[str]]:
+    """Header names with their units split off, the units of the standard columns
+    (header, else `declared`), and the problems found."""
+    out, units, problems = [], {}, []
+    for i, n in enumerate(names):
+        m = _UNIT_HEADER.match(n)
+        if m and m.group("name").strip().upper() in STANDARD:
+            base, unit = m.group("name").strip(), m.group("unit")
+            if base.upper() not in UNIT_COLUMNS:
+                problems.append(f"line 1: column {n!r} (column {i + 1}) carries a unit; only "
+                                f"{', '.join(UNIT_COLUMNS)} can")
+            elif not unit:
+                problems.append(f"line 1: column {n!r} (column {i + 1}) has empty unit "
+                                "brackets")
+            else:
+                units[base.upper()] = unit
+            n = base
+        out.append(n)
+    for col, unit in (declared or {}).items():
+        col = col.upper()
+        if col not in UNIT_COLUMNS:
+            problems.append(f"data.units: {col!r} is not a column with a unit; expected "
+                            f"one of {', '.join(UNIT_COLUMNS)}")
+        elif col in units and unit_factor(units[col], unit) != 1.0:
+            problems.append(f"line 1: the header gives {col} in {units[col]!r} but data.units "
+                            f"says {unit!r}")
+        else:
+            units.setdefault(col, unit)
+    return out, units, problems
 
 
 def time_factor(data_unit: str | None, model_unit: str) -> float:
@@ -132,6 +215,7 @@ def read_event_table(
     max_abs_value: float = MAX_ABS_VALUE, time_unit: str | None = None,
     require_observations: bool = True, pseudonym_key: bytes | None = None,
     notes: dict | None = None, id_map: dict[str, str] | None = None,
+    units: Mapping[str, str] | None = None,
 ) -> Cohort:
     """Read a CSV event table into a `Cohort` for `model`.
 
@@ -151,7 +235,14 @@ def read_event_table(
             distinct value, sorted; empty cells stay missing).
         max_abs_value: TIME, DV, AMT, RATE and covariates beyond this magnitude are errors.
         time_unit: the unit of TIME in the file (s, min, h, d); TIME and RATE (amount per
-            time unit) are converted to `model.time_unit`. None: the model's unit.
+            time unit) are converted to `model.time_unit`. None: the header's unit of
+            TIME (`TIME [h]`), else the model's unit.
+        units: units of the columns TIME, DV, AMT and RATE where the header gives none
+            (e.g. {"DV": "ug/mL"}); a header unit must agree. DV is converted to each
+            observable's unit, AMT to each dose target's, RATE to the target's unit per
+            model time unit (without a unit of its own, RATE is in AMT's unit per TIME's
+            unit); a unit that does not convert (`unit_factor`) is an error naming the
+            first row that needs it.
         require_observations: a patient without any observation that has a value is an
             error (False for pure simulation).
         pseudonym_key: when given, each ID is replaced by `pseudonymise_id(ID, key)` and no
@@ -167,7 +258,6 @@ def read_event_table(
     if categorical not in CATEGORICAL:
         raise InputError(f"data.categorical {categorical!r}: expected one of "
                          f"{', '.join(CATEGORICAL)}")
-    factor = time_factor(time_unit, model.time_unit)
     text = _decode(path, read_data_file(path))
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
@@ -175,7 +265,20 @@ def read_event_table(
     if header is None or not [h for h in header if h.strip()]:
         raise EventTableError(path, ["line 1: the file is empty; expected a header row "
                                      f"with at least {', '.join(REQUIRED)}"])
-    names = [h.strip() for h in header]
+    names, col_units, problems = _header_units([h.strip() for h in header], units)
+    if problems:
+        raise EventTableError(path, problems)
+    if "TIME" in col_units:
+        if col_units["TIME"] not in TIME_UNITS_S:
+            raise EventTableError(path, [
+                f"line 1: TIME unit {col_units['TIME']!r} is not a time unit; expected one of "
+                f"{', '.join(TIME_UNITS_S)}"])
+        if time_unit is not None and time_unit != col_units["TIME"]:
+            raise EventTableError(path, [
+                f"line 1: the header gives TIME in {col_units['TIME']!r} but data.time_unit "
+                f"says {time_unit!r}"])
+        time_unit = col_units["TIME"]
+    factor = time_factor(time_unit, model.time_unit)
     if len(names) == 1:
         for sep, word in ((";", ";"), ("\t", "tab")):
             if sep in header[0]:
@@ -183,7 +286,6 @@ def read_event_table(
                     f"line 1: the file seems to be {word}-delimited; event tables are "
                     f"comma-separated (header: {header[0][:80]!r})"])
     ignored = {c.strip() for c in ignore_columns}
-    problems: list[str] = []
     for c in sorted(ignored):
         if c not in names:
             problems.append(f"line 1: ignored column {c!r} is not in the header "
@@ -258,6 +360,40 @@ def read_event_table(
 
     def label(pid: str) -> str:
         return pseudonyms.get(pid, pid) if pseudonym_key is not None else pid
+
+    unit_factors: dict[tuple[str, int], float | None] = {}
+
+    def converted(col: str, value: float, index: int, line: int) -> float | None:
+        """`value` of column `col` in the model's unit for observable/target `index`;
+        None (and one problem per column and index) when the units do not convert."""
+        unit = col_units.get(col if col != "RATE" or "RATE" in col_units else "AMT")
+        if unit is None:
+            return value
+        if col == "DV":
+            obs = model.observables[index]
+            want, what = obs.unit, f"observable {obs.name}"
+        else:
+            target = model.dose_targets[index]
+            want, what = target.unit, f"dose target {target.name}"
+            if col == "RATE":
+                if "RATE" in col_units:
+                    want = f"{target.unit}/{model.time_unit}"
+                else:  # RATE in AMT's unit per TIME's unit: the time part follows TIME
+                    col = "AMT"
+        key = (col, index)
+        if key not in unit_factors:
+            f = unit_factor(unit, want)
+            unit_factors[key] = f
+            if f is None:
+                problems.append(f"{path}:{line}: {col} is in {unit!r} but {what} of "
+                                f"{type(model).__name__} is in {want!r}, which {unit!r} does "
+                                "not convert to")
+        f = unit_factors[key]
+        if f is None:
+            return None
+        if col == "RATE" and "RATE" in col_units:
+            return value * f * factor  # _to_cohort divides rates by the time factor
+        return value * f
 
     for line, row in rows:
         if not any(c.strip() for c in row):
@@ -370,6 +506,10 @@ def read_event_table(
                 problems.append(f"{path}:{line}: observation without DV (set MDV=1 for a "
                                 "record with no value)")
                 continue
+            if dv is not None and not mdv:
+                dv = converted("DV", dv, k, line)
+                if dv is None:
+                    continue
             p["obs"].append((t, math.nan if mdv else dv, k, bool(mdv)))
         else:
             amt = values.get("AMT")
@@ -384,6 +524,9 @@ def read_event_table(
             j = _resolve(cell(row, "CMT"), "CMT", "dose target", target_by_name, model)
             if isinstance(j, str):
                 problems.append(f"{path}:{line}: {j}")
+                continue
+            amt, rate = converted("AMT", amt, j, line), converted("RATE", rate, j, line)
+            if amt is None or rate is None:
                 continue
             p["doses"].append((t, amt, rate, j))
     if not problems and require_observations:
@@ -415,6 +558,8 @@ def read_event_table(
         done["one_hot"] = {dict(cov_cols)[i]: v for i, v in one_hot.items()}
     if factor != 1.0:
         done["time_unit"] = {"data": time_unit, "model": model.time_unit, "factor": factor}
+    if col_units:
+        done["units"] = dict(col_units)
     if pseudonym_key is not None:
         done["pseudonymised"] = len(patients)
     if done:

@@ -142,7 +142,7 @@ def load_cohort(
 
     Args:
         data_cfg: the `data` config (`source` csv | hdf5 | virtual, `path`, `virtual`, and
-            the options `time_unit`, `ignore_columns`, `categorical`, `max_abs_value`,
+            the options `time_unit`, `units`, `ignore_columns`, `categorical`, `max_abs_value`,
             `pseudonymise`, `pseudonym_key_env`, `pseudonym_key_file`, `pseudonym_map`).
         model: the model the data are for (a virtual cohort is simulated with it).
         options: `SolverOptions` for simulating a virtual cohort.
@@ -180,6 +180,9 @@ def load_cohort(
             raise InputError(f"data.time_unit {time_unit!r}: only csv event tables are "
                              f"converted; a {source} cohort must be in the model's time unit "
                              f"({model.time_unit})")
+        if _option(data_cfg, "units", None):
+            raise InputError(f"data.units: only csv event tables are converted; a {source} "
+                             "cohort must be in the model's units")
     vc = None
     if source == "csv":
         path = data_path(data_cfg, config_dir)
@@ -188,8 +191,9 @@ def load_cohort(
             ignore_columns=tuple(_option(data_cfg, "ignore_columns", [])),
             categorical=_option(data_cfg, "categorical", "error"),
             max_abs_value=_option(data_cfg, "max_abs_value", MAX_ABS_VALUE),
-            time_unit=time_unit, require_observations=not for_simulation, pseudonym_key=key,
-            notes=notes, id_map=id_map)
+            time_unit=time_unit, units=dict(_option(data_cfg, "units", None) or {}),
+            require_observations=not for_simulation, pseudonym_key=key, notes=notes,
+            id_map=id_map)
     elif source == "hdf5":
         path = data_path(data_cfg, config_dir)
         cohort = read_cohort_h5(path, dtype=dtype, model=model, pseudonym_key=key,
