@@ -3,14 +3,22 @@
     cfg = load_config("configs/quickstart.yaml", overrides=["data.virtual.n=50"])
 
 Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key path
-(and, for a mistyped key, the nearest valid one). `resolved(cfg)` gives the full config
-with defaults filled in, which every run saves as `config.yaml`.
+(and, for a mistyped key, the nearest valid one); a file that is not a YAML mapping (empty,
+binary, a syntax error, a duplicate key) names the file, line and column. YAML is read
+with 1.2-style floats, so `1e-6` is a number. Paths written in a config file (`data.path`,
+`data.pseudonym_key_file`, `data.pseudonym_map`) are relative to that file, paths given
+with `--set` (or in a dict) to the current directory; the loaded config holds them
+absolute. `resolved(cfg)` gives the full config with defaults filled in, which every run
+saves as `config.yaml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +27,9 @@ from typing import Any
 import yaml
 
 from .calibrate import ERROR_KINDS, ErrorModel
+from .data.events import CATEGORICAL, MAX_ABS_VALUE, TIME_UNITS_S
+from .data.load import check_data_options
+from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
 from .models import REGISTRY
@@ -93,11 +104,40 @@ class VirtualConfig:
     noise: NoiseModel = dataclasses.field(default_factory=NoiseModel)
 
 
+TIME_UNITS = tuple(TIME_UNITS_S)
+
+
 @dataclasses.dataclass
 class DataConfig:
+    """Where the cohort comes from and how it is read.
+
+    `source`: virtual | csv (an event table, DESIGN.md) | hdf5 (a cohort file) at `path`
+    (relative to the config file). For event tables: `time_unit` of the TIME column
+    (s | min | h | d; null: the model's own unit), converted on import; `units`, the units
+    of the columns TIME, DV, AMT and RATE where the header gives none (e.g. `{DV: ng/mL}`;
+    a header may write `DV (ng/mL)` instead), converted to the model's; `ignore_columns`,
+    neither standard columns nor covariates; `categorical`, what a text covariate column
+    does (error | ignore | one_hot); `max_abs_value`, the largest |value| accepted in any
+    numeric cell (larger ones are errors naming the row). These are errors with another
+    source (a `time_unit` other than the model's too). `pseudonymise` replaces every
+    patient ID on import by a keyed hash; the key comes from `pseudonym_key_file` (relative
+    to the config file) or else from the environment variable named `pseudonym_key_env`,
+    and is never written to the run directory; `pseudonym_map`, if set, is where the
+    raw -> pseudonym mapping is written (outside the run directory). Both need
+    `pseudonymise: true`."""
+
     source: str = "virtual"
     path: str | None = None
     virtual: VirtualConfig = dataclasses.field(default_factory=VirtualConfig)
+    time_unit: str | None = None
+    units: dict[str, str] = dataclasses.field(default_factory=dict)
+    ignore_columns: list[str] = dataclasses.field(default_factory=list)
+    categorical: str = "error"
+    max_abs_value: float = MAX_ABS_VALUE
+    pseudonymise: bool = False
+    pseudonym_key_env: str = "HYBRID_TWIN_PSEUDONYM_KEY"
+    pseudonym_key_file: str | None = None
+    pseudonym_map: str | None = None
 
 
 @dataclasses.dataclass
@@ -137,7 +177,10 @@ class SolverConfig:
 
 @dataclasses.dataclass
 class CalibrationConfig:
-    max_iter: int = 30
+    """Per-patient calibration: Levenberg-Marquardt iteration limit (`max_iter`; the
+    loop stops earlier once every patient has converged) and restarts (`n_starts`)."""
+
+    max_iter: int = 100
     n_starts: int = 1
 
 
@@ -183,6 +226,8 @@ METRICS = ("rmse", "mae", "bias", "coverage")
 CHOICES = {
     "device": ("auto", "cpu", "gpu"),
     "data.source": ("virtual", "csv", "hdf5"),
+    "data.time_unit": TIME_UNITS,
+    "data.categorical": CATEGORICAL,
     "data.virtual.noise.kind": NOISE,
     "error_model.kind": ERROR_KINDS,
     "solver.backend": BACKEND_NAMES,
@@ -193,10 +238,25 @@ MOVED = {"calibration.backend": "solver.backend", "calibration.rtol": "solver.rt
          "calibration.atol": "solver.atol", "solver.kernel_block": "solver.kernel.block",
          "solver.kernel_warps": "solver.kernel.warps"}
 LEARNED_KINDS = ("state_correction", "term_closure", "covariate_network", "neural_ode")
+OPTIONAL_CHOICES = frozenset({"data.time_unit"})
+"""Keys of `CHOICES` that may also be null."""
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
-            "solver.rtol", "solver.atol", "solver.max_steps", "calibration.max_iter",
-            "calibration.n_starts", "population.max_rounds", "training.epochs",
-            "training.batch_size", "training.learning_rate")
+            "data.max_abs_value", "solver.rtol", "solver.atol", "solver.max_steps",
+            "calibration.max_iter", "calibration.n_starts", "population.max_rounds",
+            "training.epochs", "training.batch_size", "training.learning_rate")
+NONNEGATIVE = ("seed", "split.seed", "data.virtual.seed")
+PATH_KEYS = ("data.path", "data.pseudonym_key_file", "data.pseudonym_map")
+"""Keys holding file paths: relative to the config file that sets them (to the current
+directory when set by `--set` or a dict), stored absolute."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_choice(path: str, value: Any) -> None:
+    if value is None and path in OPTIONAL_CHOICES:
+        return
+    if value not in CHOICES[path]:
+        extra = " or null" if path in OPTIONAL_CHOICES else ""
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(CHOICES[path])}{extra}")
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -234,7 +294,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        if isinstance(value, str):  # "1e-6" from a dict read by another YAML loader
             try:
                 value = float(value)
             except ValueError:
@@ -263,9 +323,10 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"unknown config key {full!r}{extra} "
                               f"(valid here: {', '.join(names)})")
         kwargs[key] = _convert(hints[key], value, full)
-        if full in CHOICES and kwargs[key] not in CHOICES[full]:
-            raise ConfigError(f"{full}: {kwargs[key]!r} is not one of "
-                              f"{', '.join(CHOICES[full])}")
+        if full in CHOICES:
+            _check_choice(full, kwargs[key])
+    if cls is ErrorModel:
+        _check_error_model(kwargs, path)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required key is missing
@@ -275,13 +336,29 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 
 
+def _check_error_model(kwargs: dict, path: str) -> None:
+    """The SDs the error model's kind uses must be finite and > 0: the fixed residual SDs
+    (`estimate: false`) or the starting values that estimation scales."""
+    defaults = ErrorModel()
+    kind = kwargs.get("kind", defaults.kind)
+    used = {"additive": ("additive",), "proportional": ("proportional",),
+            "combined": ("additive", "proportional")}.get(kind, ())
+    estimate = kwargs.get("estimate", defaults.estimate)
+    for name in used:
+        value = kwargs.get(name, getattr(defaults, name))
+        if not (value > 0 and math.isfinite(value)):
+            role = "starting value of the estimated" if estimate else "fixed"
+            raise ConfigError(f"{path}.{name}: must be a finite number > 0 for kind {kind!r} "
+                              f"(the {role} residual SD), got {value!r}")
+
+
 def solver_options(cfg: ExperimentConfig) -> SolverOptions:
     """The `SolverOptions` of the config's `solver` section."""
     s = cfg.solver
     method = RK4(s.dt0) if s.method == "rk4" else METHODS[s.method]()
     if s.dt0 is not None and s.method != "rk4":
-        raise ValueError(f"dt0 is the step of method rk4; method {s.method} chooses its "
-                         "own steps (remove solver.dt0)")
+        raise ConfigError(f"solver.dt0: only method rk4 takes a fixed step; method "
+                          f"{s.method} chooses its own steps (remove solver.dt0)")
     backend = {"kernel": s.kernel, "diffrax": s.diffrax,
                "auto": Auto(kernel=s.kernel, diffrax=s.diffrax)}.get(s.backend) or \
         BACKENDS[s.backend]()
@@ -291,25 +368,27 @@ def solver_options(cfg: ExperimentConfig) -> SolverOptions:
 
 
 def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
-    for path, choices in CHOICES.items():
-        value = _get(cfg, path)
-        if value not in choices:
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+    for path in CHOICES:
+        _check_choice(path, _get(cfg, path))
     for path in POSITIVE:
-        if not _get(cfg, path) > 0:
-            raise ConfigError(f"{path}: must be > 0, got {_get(cfg, path)!r}")
+        value = _get(cfg, path)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{path}: must be {'finite' if value > 0 else '> 0'}, got "
+                              f"{value!r}")
+    for path in NONNEGATIVE:
+        if _get(cfg, path) < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {_get(cfg, path)!r}")
     try:
         solver_options(cfg)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"solver: {e}") from None
     fr = (cfg.split.train, cfg.split.val, cfg.split.test)
     if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-9:
         raise ConfigError(f"split: train + val + test must be fractions summing to 1, got {fr}")
-    if cfg.data.source in ("csv", "hdf5"):
-        if not cfg.data.path:
-            raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
-        if check_paths and not Path(cfg.data.path).exists():
-            raise ConfigError(f"data.path: file not found: {cfg.data.path}")
+    _check_data(cfg.data, check_paths)
+    check_private_paths(cfg, cfg.output.dir)
     if cfg.model.name not in REGISTRY:
         hint = difflib.get_close_matches(cfg.model.name, REGISTRY, n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -398,17 +477,190 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"evaluation.splits: {s!r} is not one of train, val, test")
 
 
+def _check_data(data: DataConfig, check_paths: bool) -> None:
+    """The data section: a path for csv/hdf5 that (with `check_paths`) is a regular file
+    of the declared kind; no option that would have no effect; with `pseudonymise`
+    (and `check_paths`), a usable key in its file or environment variable."""
+    if not data.pseudonym_key_env.strip():
+        raise ConfigError("data.pseudonym_key_env: must name an environment variable")
+    for i, col in enumerate(data.ignore_columns):
+        if not col.strip():
+            raise ConfigError(f"data.ignore_columns[{i}]: empty column name")
+    if data.source in ("csv", "hdf5") and not data.path:
+        raise ConfigError(f"data.path: required when data.source is {data.source!r}")
+    try:
+        check_data_options(data)
+        if not check_paths:
+            return
+        if data.source in ("csv", "hdf5"):
+            _check_data_file(data.source, Path(data.path))
+        if data.pseudonymise:
+            load_pseudonym_key(data.pseudonym_key_env, data.pseudonym_key_file)
+    except ConfigError:
+        raise
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if data.pseudonym_map is not None and not Path(data.pseudonym_map).parent.is_dir():
+        raise ConfigError(f"data.pseudonym_map: directory not found: "
+                          f"{Path(data.pseudonym_map).parent}")
+
+
+def _check_data_file(source: str, path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"data.path: file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"data.path: {path} is a directory; expected "
+                          f"{'a CSV event table' if source == 'csv' else 'an HDF5 cohort'} file")
+    if not path.is_file():
+        raise ConfigError(f"data.path: {path} is not a regular file")
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_SIGNATURE))
+    if source == "csv":
+        if head == HDF5_SIGNATURE:
+            raise ConfigError(f"data.path: {path} is an HDF5 file, not a CSV event table "
+                              "(set data.source: hdf5)")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            raise ConfigError(f"data.path: {path} is a YAML file, not a CSV event table "
+                              "(a config file given as data?)")
+    elif head != HDF5_SIGNATURE:
+        if not head:
+            raise ConfigError(f"data.path: {path} is empty; expected an HDF5 cohort file")
+        raise ConfigError(f"data.path: {path} is not an HDF5 file (no HDF5 signature); it "
+                          "looks like a CSV/text file: set data.source: csv for an event table")
+
+
+def check_private_paths(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> None:
+    """The pseudonymisation key file and mapping must lie outside the run directory
+    `run_dir` (the run directory must hold no way back to the raw IDs)."""
+    root = Path(run_dir).expanduser().resolve()
+    for key in ("data.pseudonym_key_file", "data.pseudonym_map"):
+        value = _get(cfg, key)
+        if value is not None and Path(value).resolve().is_relative_to(root):
+            raise ConfigError(f"{key}: {value} lies inside the run directory {root}; "
+                              "keep it outside")
+
+
+def check_device(cfg: ExperimentConfig) -> None:
+    """`device: gpu` needs JAX to see a GPU; raises `ConfigError` otherwise. (`auto` takes
+    whatever JAX has; `cpu` is always available.)"""
+    if cfg.device != "gpu":
+        return
+    import jax
+
+    platforms = sorted({d.platform for d in jax.devices()})
+    if "gpu" not in platforms:
+        raise ConfigError(f"device: gpu requested but JAX sees only {', '.join(platforms)} "
+                          "devices (install jax[cuda12] or set device: auto/cpu)")
+
+
 def _get(cfg: Any, path: str) -> Any:
     for part in path.split("."):
         cfg = getattr(cfg, part)
     return cfg
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with YAML 1.2 floats (`1e-6`, `1E+3`, `.5`, `5.` are numbers;
+    1.1 reads `1e-6` as a string) and duplicate mapping keys as errors."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first.line + 1}, "
+                        f"column {first.column + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_problem(e: yaml.YAMLError, where: str, *, columns_only: bool = False) -> str:
+    """One line from a pyyaml error: `where:line:column: problem (context at ...)`."""
+    def at(mark) -> str:
+        if columns_only:
+            return f"column {mark.column + 1}"
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    if isinstance(e, yaml.reader.ReaderError):
+        return (f"{where}: character {e.character!r} at position {e.position} is not "
+                "allowed in YAML (a binary file?)")
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return f"{where}: {e}"
+    mark = e.problem_mark or e.context_mark
+    if mark is None:
+        head = where
+    elif columns_only:
+        head = f"{where}: {at(mark)}"
+    else:
+        head = f"{where}:{mark.line + 1}:{mark.column + 1}"
+    text = f"{head}: {e.problem or e.context}"
+    if e.problem and e.context and e.context_mark is not None:
+        text += f" ({e.context} at {at(e.context_mark)})"
+    return text
+
+
+def _parse_yaml(text: str, where: str, *, columns_only: bool = False) -> Any:
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_problem(e, where, columns_only=columns_only)) from None
+
+
+def _read_config_file(path: Path) -> dict:
+    """The mapping in a YAML config file; a `ConfigError` naming the file (and line,
+    column or byte offset) for anything else."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError(f"{path}: a binary file (NUL byte at byte offset {nul}), not a "
+                          "YAML config")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+                          f"{e.start}); a config is a UTF-8 YAML file") from None
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (only comments or blank lines); "
+                          "expected a mapping of config keys, e.g. configs/quickstart.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
 def _apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY.SUB=VALUE")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key; expected KEY.SUB=VALUE")
+    value = _parse_yaml(raw, f"--set {item!r}", columns_only=True)
     parts = key.strip().split(".")
     node = data
 
@@ -431,26 +683,34 @@ def _apply_override(data: dict, item: str) -> None:
     node[index(node, parts[-1])] = value
 
 
+def _anchor_paths(data: dict, base: Path) -> None:
+    """Make the relative paths of `PATH_KEYS` in raw config data absolute against `base`
+    (`~` expanded); values of the wrong type are left for validation to report."""
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            path = Path(node[leaf]).expanduser()
+            node[leaf] = str(path if path.is_absolute() else (base / path).resolve())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None, *, check_paths: bool = True) -> ExperimentConfig:
-    """Read a YAML config (or a dict), apply `KEY.SUB=VALUE` overrides, validate (with
-    `check_paths`, also that `data.path` exists)."""
+    """Read a YAML config file (or a dict), apply `KEY.SUB=VALUE` overrides (values read
+    as YAML), validate (with `check_paths`, also the data file and the pseudonymisation
+    key file on disk). Relative paths resolve against the config file's directory, those
+    of overrides and of `data` against the current directory."""
     if data is None:
         data = {}
         if path is not None:
-            try:
-                text = Path(path).read_text()
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {path}") from None
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
+            data = _read_config_file(Path(path))
+            _anchor_paths(data, Path(path).absolute().parent)
     data = _deepcopy(data)
     for item in overrides or []:
         _apply_override(data, item)
+    _anchor_paths(data, Path.cwd())
     cfg = _from_dict(ExperimentConfig, data)
     _validate(cfg, check_paths)
     return cfg

@@ -4,18 +4,22 @@ Every rejection of something the user supplied (a config file or key, a data fil
 directory) is an `InputError`: its message alone tells the user what to fix, naming the
 file (with line and column where there is one) or the config key, and what was expected.
 The command line prints it in one or two lines and exits with `EXIT_INPUT` (2), without a
-traceback; environment failures (a read-only or full disk, a missing device) exit with
-`EXIT_ENVIRONMENT` (1). Library callers catch `InputError` (a `ValueError`) as usual.
+traceback. A config that asks for a device the host lacks (`device: gpu` where JAX sees no
+GPU) is such an input error too (`hybrid_twin.config.ConfigError` naming `device`), found
+before any work starts. Failures of the environment while a run works (a read-only or full
+disk, missing permissions) exit with `EXIT_ENVIRONMENT` (1). Library callers catch
+`InputError` (a `ValueError`) as usual.
 """
 
 from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_ENVIRONMENT = 1
-"""Exit code for a failure of the environment (disk, device), or of the run itself (every
-patient failed)."""
+"""Exit code for a failure of the environment (disk, permissions), or of the run itself
+(every patient failed)."""
 EXIT_INPUT = 2
-"""Exit code for bad input: config, data, command-line arguments, run directory."""
+"""Exit code for bad input: config (a requested device that is missing included), data,
+command-line arguments, run directory."""
 
 
 class InputError(ValueError):

@@ -146,7 +146,7 @@ def test_config_error_exits_2_before_compute(tmp_path, capsys):
     assert "did you mean 'data.virtual.n'" in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch, capsys):
     import training.run as runner
 
     args = ["--set", "output.plots=false"]
@@ -166,8 +166,9 @@ def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch):
         return real(path, log, split, *a, **kw)
 
     monkeypatch.setattr(runner, "_calibrate_split", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", "configs/quickstart.yaml", "--out", str(part), *args])
+    capsys.readouterr()
+    assert main(["run", "configs/quickstart.yaml", "--out", str(part), *args]) == 130
+    assert capsys.readouterr().err == "hybrid-twin: interrupted\n"
     assert (part / "checkpoints" / "population.json").exists()
     assert not (part / "metrics.json").exists()
     monkeypatch.setattr(runner, "_calibrate_split", real)
@@ -178,9 +179,12 @@ def test_interrupted_run_resumes_with_the_same_metrics(tmp_path, monkeypatch):
     b = json.loads((part / "metrics.json").read_text())
     for split in ("val", "test"):
         assert a[split]["rmse"] == pytest.approx(b[split]["rmse"], rel=1e-9)
-    with pytest.raises(ValueError, match="different config"):
-        main(["run", "configs/quickstart.yaml", "--out", str(part), *args,
-              "--set", "seed=1"])
+    capsys.readouterr()
+    assert main(["run", "configs/quickstart.yaml", "--out", str(part), *args,
+                 "--set", "seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hybrid-twin: error: {part} holds a run of a different config "
+                          "(changed: seed: 0 -> 1)")
 
 
 def test_evaluate_recomputes_the_metrics(tmp_path, capsys):

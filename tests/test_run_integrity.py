@@ -16,6 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 from hybrid_twin.calibrate import FitFailed, out_of_bounds
 from hybrid_twin.config import load_config
@@ -149,6 +150,56 @@ def test_resume_is_refused_after_the_config_or_the_code_changed(base, monkeypatc
     with pytest.raises(RunDirectoryError, match=r"other code .*'git': '0000000000"):
         run_experiment(cfg, out)
     assert (out / "run.json").read_text() == record
+
+
+def test_cli_pseudonymised_run_holds_no_raw_id_and_force_restart_starts_over(
+        base, tmp_path, monkeypatch, capsys):
+    """`hybrid-twin run CONFIG --pseudonymise`, from another directory, with a config file
+    whose data.path is relative to it: no raw patient ID in any file of the run directory
+    nor in the output; the same run without the flag is refused (another config, exit 2)
+    and `--force-restart` starts it over with the raw IDs."""
+    from hybrid_twin.cli import main
+    from hybrid_twin.config import resolved
+    from hybrid_twin.data import pseudonymise_id
+
+    cfg, _, _ = base
+    raw = {str(i): f"subject-{i:02d}" for i in range(1, 13)}
+    table = rows(THEOPHYLLINE)
+    for r in table:
+        r["ID"] = raw[r["ID"]]
+    study = tmp_path / "study"
+    study.mkdir()
+    with open(study / "events.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    spec = resolved(cfg)
+    spec["data"]["path"] = "events.csv"
+    (study / "run.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    key = "a-test-key-of-32-characters-long"
+    monkeypatch.setenv("HYBRID_TWIN_PSEUDONYM_KEY", key)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["run", "study/run.yaml", "--out", str(out)]
+
+    assert main([*argv, "--pseudonymise"]) == 0
+    said = capsys.readouterr()
+    ids = {r["ID"] for r in rows(out / "predictions.csv")}
+    assert ids == {pseudonymise_id(i, key.encode()) for i in raw.values()}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for raw_id in raw.values():
+        assert raw_id not in said.out + said.err
+        for p in files:
+            assert raw_id.encode() not in p.read_bytes(), p
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hybrid-twin: error: {out} holds a run of a different config "
+                          "(changed: data.pseudonymise: True -> False)")
+    assert main([*argv, "--force-restart"]) == 0
+    assert {r["ID"] for r in rows(out / "predictions.csv")} == set(raw.values())
+    assert strict((out / "run.json").read_text())["resumed"] is False
 
 
 def test_an_unchanged_run_resumes(base, tmp_path):

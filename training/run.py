@@ -40,11 +40,16 @@ class Log:
 
 
 def _setup_device(cfg: ExperimentConfig) -> None:
+    """float64 available; `device: cpu` pins JAX to the CPU, `device: gpu` must find a GPU
+    (`check_device`: a `ConfigError` otherwise)."""
     import jax
+
+    from hybrid_twin.config import check_device
 
     jax.config.update("jax_enable_x64", True)
     if cfg.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
+    check_device(cfg)
 
 
 def build_model(cfg: ExperimentConfig, mechanistic):
@@ -112,16 +117,16 @@ def load_trained_model(run_dir: str | os.PathLike):
 
 
 def build_cohort(cfg: ExperimentConfig, model, *, for_simulation: bool = False,
-                 run_dir: str | os.PathLike | None = None, config_dir=None):
+                 run_dir: str | os.PathLike | None = None):
     """The configured data as a Cohort and, for a virtual source, its `VirtualCohort`
     (simulated with the configured solver): `hybrid_twin.data.load_cohort` with every
     check and option of the `data` block (patients without observations are allowed only
-    `for_simulation`; the pseudonym map is refused inside `run_dir`)."""
+    `for_simulation`; the pseudonym map is refused inside `run_dir`). The config's paths
+    are absolute (`load_config` resolves them against the config file)."""
     from hybrid_twin.data.load import load_cohort
 
     cohort, vc, _ = load_cohort(cfg.data, model, options=solver_options(cfg),
-                                for_simulation=for_simulation, config_dir=config_dir,
-                                run_dir=run_dir)
+                                for_simulation=for_simulation, run_dir=run_dir)
     return cohort, vc
 
 

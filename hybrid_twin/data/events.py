@@ -59,6 +59,8 @@ for _p in _MICRO:
     _SCALES[f"{_p}U"] = ("insulin units", 1e-6)
 _SCALES.update({u: ("time", s) for u, s in TIME_UNITS_S.items()})
 CATEGORICAL = ("error", "ignore", "one_hot")
+MAX_ABS_VALUE = 1e12
+"""Default largest |value| accepted in a numeric cell (`data.max_abs_value`)."""
 BOM = b"\xef\xbb\xbf"
 logger = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ def _show(v) -> str:
 def read_event_table(
     path: str | os.PathLike, model: MechanisticModel, *, dtype=None,
     ignore_columns: Sequence[str] = (), categorical: str = "error",
-    max_abs_value: float = 1e12, time_unit: str | None = None,
+    max_abs_value: float = MAX_ABS_VALUE, time_unit: str | None = None,
     require_observations: bool = True, pseudonym_key: bytes | None = None,
     notes: dict | None = None, id_map: dict[str, str] | None = None,
     units: Mapping[str, str] | None = None,

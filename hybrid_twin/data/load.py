@@ -8,8 +8,9 @@
 the readers, the options of the block (`time_unit`, `ignore_columns`, `categorical`,
 `max_abs_value`) and pseudonymisation (`pseudonymise`, the key from
 `pseudonym_key_file` or the environment variable `pseudonym_key_env`, the map written to
-`pseudonym_map` on request). Relative paths are resolved against `config_dir`. Every
-rejection is an `InputError` naming the config key or the file.
+`pseudonym_map` on request). Relative paths are resolved against `config_dir` (a config
+from `hybrid_twin.config.load_config` holds them absolute already). Every rejection is an
+`InputError` naming the config key or the file.
 """
 
 from __future__ import annotations
@@ -26,14 +27,22 @@ import numpy as np
 from ..errors import InputError
 from ..models.base import MechanisticModel
 from .cohort import Cohort
-from .events import MAX_LISTED, DataFileNotFoundError, read_event_table, time_factor
+from .events import (
+    MAX_ABS_VALUE,
+    MAX_LISTED,
+    DataFileNotFoundError,
+    read_event_table,
+    time_factor,
+)
 from .hdf5 import read_cohort_h5
 from .pseudonym import load_pseudonym_key, pseudonymise_ids, write_pseudonym_map
 from .virtual import ScheduleSpec, VirtualCohort, virtual_cohort
 
 SOURCES = ("csv", "hdf5", "virtual")
-CSV_ONLY = {"ignore_columns": [], "categorical": "error"}
+CSV_ONLY = {"ignore_columns": [], "categorical": "error", "max_abs_value": MAX_ABS_VALUE}
 """`data` keys that only event tables use, with their defaults."""
+PSEUDONYM_ONLY = ("pseudonym_key_file", "pseudonym_map")
+"""`data` keys that only pseudonymisation uses."""
 
 
 def _option(data_cfg, name: str, default: Any) -> Any:
@@ -82,14 +91,28 @@ def data_fingerprint(data_cfg, config_dir: str | os.PathLike | None = None) -> s
     return h.hexdigest()
 
 
+def check_data_options(data_cfg) -> None:
+    """InputError for a `data` option that would have no effect: an event-table option
+    (`CSV_ONLY`) changed for another source, or a pseudonymisation setting
+    (`PSEUDONYM_ONLY`) without `pseudonymise`."""
+    source = data_cfg.source
+    if source != "csv":
+        for name, default in CSV_ONLY.items():
+            if _option(data_cfg, name, default) != default:
+                raise InputError(f"data.{name}: only csv event tables use it, and data.source "
+                                 f"is {source!r}; remove data.{name}")
+    if not _option(data_cfg, "pseudonymise", False):
+        for name in PSEUDONYM_ONLY:
+            if _option(data_cfg, name, None) is not None:
+                raise InputError(f"data.{name} is set but data.pseudonymise is false; set "
+                                 f"data.pseudonymise: true or remove data.{name}")
+
+
 def _map_path(data_cfg, config_dir, run_dir) -> Path | None:
     """Where to write the pseudonym map (None: not requested), refused inside `run_dir`."""
     raw = _option(data_cfg, "pseudonym_map", None)
     if raw is None:
         return None
-    if not _option(data_cfg, "pseudonymise", False):
-        raise InputError("data.pseudonym_map is set but data.pseudonymise is false; set "
-                         "data.pseudonymise: true or remove data.pseudonym_map")
     path = _resolve(raw, config_dir).resolve()
     if run_dir is not None:
         run = Path(run_dir).resolve()
@@ -134,10 +157,14 @@ def load_cohort(
         notes): notes say what the import did besides reading (source, patients, columns
         ignored or one-hot encoded, time conversion, number of pseudonymised IDs, where
         the map was written), with no raw ID, for the run's log.
+
+    Raises `InputError` naming the config key or the file for anything unusable,
+    including options that would have no effect (`check_data_options`).
     """
     source = data_cfg.source
     if source not in SOURCES:
         raise InputError(f"data.source {source!r}: expected one of {', '.join(SOURCES)}")
+    check_data_options(data_cfg)
     key = None
     if _option(data_cfg, "pseudonymise", False):
         key_file = _option(data_cfg, "pseudonym_key_file", None)
@@ -149,9 +176,6 @@ def load_cohort(
     time_unit = _option(data_cfg, "time_unit", None)
     notes: dict[str, Any] = {"source": source}
     if source != "csv":
-        unused = [k for k, default in CSV_ONLY.items() if _option(data_cfg, k, default) != default]
-        if unused:
-            notes["unused"] = [f"data.{k}" for k in unused]
         if time_unit is not None and time_factor(time_unit, model.time_unit) != 1.0:
             raise InputError(f"data.time_unit {time_unit!r}: only csv event tables are "
                              f"converted; a {source} cohort must be in the model's time unit "
@@ -163,11 +187,13 @@ def load_cohort(
     if source == "csv":
         path = data_path(data_cfg, config_dir)
         cohort = read_event_table(
-            path, model, dtype=dtype, ignore_columns=tuple(_option(data_cfg, "ignore_columns", [])),
+            path, model, dtype=dtype,
+            ignore_columns=tuple(_option(data_cfg, "ignore_columns", [])),
             categorical=_option(data_cfg, "categorical", "error"),
-            max_abs_value=_option(data_cfg, "max_abs_value", 1e12), time_unit=time_unit,
+            max_abs_value=_option(data_cfg, "max_abs_value", MAX_ABS_VALUE),
+            time_unit=time_unit, units=dict(_option(data_cfg, "units", None) or {}),
             require_observations=not for_simulation, pseudonym_key=key, notes=notes,
-            id_map=id_map, units=dict(_option(data_cfg, "units", None) or {}))
+            id_map=id_map)
     elif source == "hdf5":
         path = data_path(data_cfg, config_dir)
         cohort = read_cohort_h5(path, dtype=dtype, model=model, pseudonym_key=key,
