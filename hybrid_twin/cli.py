@@ -31,7 +31,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import xla_flags
 from .compile_cache import CompileCounter, log_compiles_requested, scoped_compilation_cache
 from .errors import EXIT_ENVIRONMENT, EXIT_INPUT, InputError, RunDirectoryError, RunFailed
 from .models import REGISTRY, get_model
@@ -339,7 +338,6 @@ def report_error(e: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit code. Errors
     are reported by `report_error` unless `--debug` is given, which re-raises them."""
-    xla_flags.apply()  # before JAX creates its backends
     args = build_parser().parse_args(argv)
     try:
         if args.command not in COMPUTING:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hybrid_twin"
 # Lower layers never import higher ones (a module may import its own layer's modules).
 LAYERS = [
     ("hybrid_twin._atomic", "hybrid_twin.errors", "hybrid_twin.models",
-     "hybrid_twin.schedule", "hybrid_twin.xla_flags"),
+     "hybrid_twin.schedule"),
     ("hybrid_twin.solve._core",),
     ("hybrid_twin.solve._integrator", "hybrid_twin.solve.backend"),
     ("hybrid_twin.solve.diffrax_backend", "hybrid_twin.solve.ensemble",

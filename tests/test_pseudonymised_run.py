@@ -4,6 +4,7 @@ nor in what the command prints or logs. The study's IDs (1 to 12) are replaced b
 distinctive ones first, so that a search for them means something."""
 
 import csv
+import json
 import logging
 import shutil
 
@@ -52,6 +53,11 @@ def test_a_pseudonymised_run_writes_no_raw_id(tmp_path, monkeypatch, capsys, cap
         seen = {r["ID"] for r in csv.DictReader(fh)}
     expected = {pseudonymise_id(i, KEY.encode()) for i in ids}
     assert seen and seen <= expected
+    # the run's log says what the import did
+    data_event = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+                  if '"event": "data"' in line][-1]
+    assert data_event["imported"]["pseudonymised"] == 12
+    assert data_event["imported"]["pseudonym_map"] == str((private / "map.csv").resolve())
     # the key is never written, and the map only where it was asked for (outside the run)
     assert not [w for w, blob in texts.items() if KEY.encode() in blob]
     with open(private / "map.csv", newline="") as fh:

@@ -117,16 +117,20 @@ def load_trained_model(run_dir: str | os.PathLike):
 
 
 def build_cohort(cfg: ExperimentConfig, model, *, for_simulation: bool = False,
-                 run_dir: str | os.PathLike | None = None):
+                 run_dir: str | os.PathLike | None = None, notes: dict | None = None):
     """The configured data as a Cohort and, for a virtual source, its `VirtualCohort`
     (simulated with the configured solver): `hybrid_twin.data.load_cohort` with every
     check and option of the `data` block (patients without observations are allowed only
     `for_simulation`; the pseudonym map is refused inside `run_dir`). The config's paths
-    are absolute (`load_config` resolves them against the config file)."""
+    are absolute (`load_config` resolves them against the config file). `notes`, when a
+    dict, receives what the import did besides reading (conversions, columns ignored or
+    encoded, pseudonymisation; no raw ID), for the run's log."""
     from hybrid_twin.data.load import load_cohort
 
-    cohort, vc, _ = load_cohort(cfg.data, model, options=solver_options(cfg),
-                                for_simulation=for_simulation, run_dir=run_dir)
+    cohort, vc, done = load_cohort(cfg.data, model, options=solver_options(cfg),
+                                   for_simulation=for_simulation, run_dir=run_dir)
+    if notes is not None:
+        notes.update(done)
     return cohort, vc
 
 
@@ -448,7 +452,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     model = build_model(cfg, mechanistic)
     truth_model = (get_model(cfg.data.virtual.model)
                    if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
-    cohort, _ = build_cohort(cfg, truth_model, run_dir=run_dir)
+    data_notes: dict = {}
+    cohort, _ = build_cohort(cfg, truth_model, run_dir=run_dir, notes=data_notes)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     _check_inputs(cfg, cohort, parts)
@@ -467,7 +472,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     log("start", stage=stop_after, resumed=previous is not None,
         force_restart=bool(force_restart and holds_run),
         removed_orphans=[str(p.relative_to(run_dir)) for p in orphans])
-    log("data", patients=cohort.n_patients, **{k: v.n_patients for k, v in parts.items()})
+    log("data", patients=cohort.n_patients, **{k: v.n_patients for k, v in parts.items()},
+        imported=data_notes)
     try:
         return _run_stages(cfg, run_dir, log, record, stop_after, model, parts, wall)
     except RunFailed as e:
