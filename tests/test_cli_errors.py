@@ -31,6 +31,23 @@ REPO = Path(__file__).resolve().parents[1]
 THEO = "configs/theophylline.yaml"
 QUICK = "configs/quickstart.yaml"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _unwritable_for_root() -> str | None:
+    """A directory in which even root cannot create anything (sysfs on Linux: EPERM),
+    or None where there is none."""
+    probe = Path("/sys/hybrid-twin-probe")
+    try:
+        probe.mkdir()
+    except PermissionError:
+        return str(probe.parent)
+    except OSError:
+        return None
+    probe.rmdir()
+    return None
+
+
+UNWRITABLE = _unwritable_for_root() if IS_ROOT else None
 HEADER = "ID,TIME,EVID,DV,OBS,AMT,RATE,CMT,MDV\n"
 DOSE = "1,0,1,,,320,0,depot,1\n"
 PREDICTIONS = "ID,TIME,OBS,DV,PRED,PRED_LO,PRED_HI,SPLIT,STATUS\n"
@@ -143,6 +160,10 @@ CASE_LIST = [
     run_case("out_read_only", "run", THEO, "--out", "{d}/read_only/run", code=1,
              expect=("{d}/read_only/run", "Permission denied"), compiles=True,
              skip="chmod does not stop root from writing" if IS_ROOT else None),
+    # (as root: a directory no permission bit protects, where the kernel refuses writes)
+    run_case("out_not_permitted", "run", THEO, "--out", f"{UNWRITABLE}/hybrid-twin-run",
+             code=1, expect=(f"{UNWRITABLE}/hybrid-twin-run", "Operation not permitted"),
+             compiles=True, skip=None if UNWRITABLE else "runs as root, on Linux"),
     run_case("disk_full", "run", THEO, "--out", "{d}/out/full", code=1, fsize_limit=1024,
              expect=("{d}/out/full", "File too large (EFBIG)"), compiles=True),
     run_case("disk_full_evaluate", "evaluate", "{d}/finished", code=1, fsize_limit=64,
