@@ -32,6 +32,7 @@ from .data.load import check_data_options
 from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
+from .hybrid import feature_names
 from .models import REGISTRY
 from .solve import (
     BACKEND_NAMES,
@@ -59,7 +60,9 @@ class LearnedConfig:
     `hybrid_twin.hybrid.TermClosure`), "covariate_network" (each patient's typical
     `params` moved by a network of its `covariates`: theta_i = theta_pop exp(h(cov_i)),
     trained with the population) or "neural_ode" (the pure neural ODE baseline: no
-    mechanism, dy/dt of every state from the features, by default states and inputs)."""
+    mechanism, dy/dt of every state from the features, by default states and inputs).
+    Features without a `feature_scales` entry, and an `out_scale` of "auto" (the default),
+    are scaled from the training data when training starts (`hybrid_twin.hybrid.autoscale`)."""
 
     kind: str = "state_correction"
     states: list[str] = dataclasses.field(default_factory=list)
@@ -71,7 +74,7 @@ class LearnedConfig:
     feature_scales: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     width: int = 16
     depth: int = 2
-    out_scale: float | list[float] = 1.0
+    out_scale: float | list[float] | str = "auto"
     day_length: float | None = None
 
 
@@ -84,11 +87,28 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TrainingConfig:
-    epochs: int = 20
+    """Population training of the learned terms (`hybrid_twin.population.train_population`).
+
+    `objective`: "joint" (network and patients' parameters fitted together to all data)
+    or "forecast" (each training patient's parameters fitted to its data up to
+    `condition_until`, default `evaluation.condition_until`, with `refit_iter`
+    Levenberg-Marquardt iterations at the start of every epoch, then held while the
+    network trains on all of it). Adam at `learning_rate`, multiplied by
+    `lr_decay` after `lr_patience` epochs (null: patience // 2) without a validation
+    improvement above `min_delta` (relative); training stops after `patience` such epochs,
+    or after `epochs`."""
+
+    epochs: int = 200
     batch_size: int = 16
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     penalty_weight: float = 1e-4
     patience: int = 10
+    objective: str = "joint"
+    condition_until: float | None = None
+    refit_iter: int = 15
+    lr_decay: float = 0.5
+    lr_patience: int | None = None
+    min_delta: float = 1e-3
 
 
 @dataclasses.dataclass
@@ -233,6 +253,7 @@ CHOICES = {
     "solver.backend": BACKEND_NAMES,
     "solver.method": tuple(METHODS),
     "solver.precision": PRECISIONS,
+    "training.objective": ("joint", "forecast"),
 }
 MOVED = {"calibration.backend": "solver.backend", "calibration.rtol": "solver.rtol",
          "calibration.atol": "solver.atol", "solver.kernel_block": "solver.kernel.block",
@@ -243,7 +264,8 @@ OPTIONAL_CHOICES = frozenset({"data.time_unit"})
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
             "data.max_abs_value", "solver.rtol", "solver.atol", "solver.max_steps",
             "calibration.max_iter", "calibration.n_starts", "population.max_rounds",
-            "training.epochs", "training.batch_size", "training.learning_rate")
+            "training.epochs", "training.batch_size", "training.learning_rate",
+            "training.patience", "training.refit_iter", "training.lr_decay")
 NONNEGATIVE = ("seed", "split.seed", "data.virtual.seed")
 PATH_KEYS = ("data.path", "data.pseudonym_key_file", "data.pseudonym_map")
 """Keys holding file paths: relative to the config file that sets them (to the current
@@ -407,12 +429,23 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
             raise ConfigError(f"data.virtual.model: unknown model {vmodel!r}{extra} "
                               f"(available: {', '.join(REGISTRY)})")
         truth = REGISTRY[vmodel]()
-        for what in ("observable_names", "dose_target_names", "input_names"):
-            if getattr(truth, what) != getattr(model, what):
+        observed = cfg.data.virtual.observables or truth.observable_names
+        targets = [d.target for d in cfg.data.virtual.doses]
+        for what, names in (("observables", observed), ("dose targets", targets)):
+            attr = "observable_names" if what == "observables" else "dose_target_names"
+            missing = sorted({x for x in names
+                              if x not in getattr(truth, attr) or x not in getattr(model, attr)})
+            if missing:
                 raise ConfigError(
                     f"data.virtual.model: {vmodel} cannot generate data for {cfg.model.name}: "
-                    f"{what.replace('_', ' ')} differ ({', '.join(getattr(truth, what))} vs "
-                    f"{', '.join(getattr(model, what))})")
+                    f"{what} {', '.join(missing)} are not {what} of both "
+                    f"({', '.join(getattr(truth, attr))} vs {', '.join(getattr(model, attr))}); "
+                    f"list the shared ones in data.virtual.observables")
+        if truth.input_names != model.input_names:
+            raise ConfigError(
+                f"data.virtual.model: {vmodel} cannot generate data for {cfg.model.name}: "
+                f"input channels differ ({', '.join(truth.input_names)} vs "
+                f"{', '.join(model.input_names)})")
     for i, d in enumerate(cfg.data.virtual.doses):
         if d.target not in model.dose_target_names:
             raise ConfigError(f"data.virtual.doses[{i}].target: {d.target!r} is not a dose "
@@ -454,15 +487,38 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ConfigError(f"{where}.term: {lt.term!r} is not a term of "
                                   f"{cfg.model.name}{extra} ({', '.join(terms)})")
-        valid = (*model.state_names, *model.input_names, *model.param_names,
-                 "time", "sin_day", "cos_day")
+        valid = feature_names(model)
         for j, f in enumerate(lt.features):
             if f not in valid:
-                raise ConfigError(f"{where}.features[{j}]: {f!r} is not a state, input, "
-                                  "parameter, time, sin_day or cos_day")
+                hint = difflib.get_close_matches(f, valid, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{where}.features[{j}]: {f!r} is not a feature of "
+                                  f"{cfg.model.name}{extra} (valid: {', '.join(valid)})")
+        if isinstance(lt.out_scale, str) and lt.out_scale != "auto":
+            raise ConfigError(f"{where}.out_scale: expected a number, a list of numbers or "
+                              f"'auto', got {lt.out_scale!r}")
         for k, v in lt.feature_scales.items():
             if len(v) != 2 or v[1] == 0:
                 raise ConfigError(f"{where}.feature_scales.{k}: expected [shift, scale != 0]")
+    if cfg.model.learned:
+        tr = cfg.training
+        if tr.objective == "forecast" and training_condition_until(cfg) is None:
+            raise ConfigError("training.objective: forecast needs training.condition_until "
+                              "or evaluation.condition_until (where each training "
+                              "patient's fitted window ends)")
+        if not 0 < tr.lr_decay <= 1:
+            raise ConfigError(f"training.lr_decay: expected a number in (0, 1], got "
+                              f"{tr.lr_decay!r}")
+        if tr.lr_patience is not None and tr.lr_patience < 1:
+            raise ConfigError(f"training.lr_patience: expected an integer >= 1 or null, got "
+                              f"{tr.lr_patience!r}")
+        if not tr.min_delta >= 0:
+            raise ConfigError(f"training.min_delta: expected a number >= 0, got "
+                              f"{tr.min_delta!r}")
+        if not cfg.split.val > 0:
+            raise ConfigError("split.val: training learned terms (model.learned) needs "
+                              "validation patients, to stop when the forecast stops "
+                              f"improving; got split.val={cfg.split.val!r}")
     for i, metric in enumerate(cfg.evaluation.metrics):
         if metric not in METRICS:
             raise ConfigError(f"evaluation.metrics[{i}]: {metric!r} is not one of "
@@ -475,6 +531,16 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     for s in cfg.evaluation.splits:
         if s not in ("train", "val", "test"):
             raise ConfigError(f"evaluation.splits: {s!r} is not one of train, val, test")
+
+
+def training_condition_until(cfg: ExperimentConfig) -> float | None:
+    """Where the forecast objective ends each training patient's fitted window:
+    `training.condition_until`, else `evaluation.condition_until`; None for the joint
+    objective."""
+    if cfg.training.objective != "forecast":
+        return None
+    tc = cfg.training.condition_until
+    return tc if tc is not None else cfg.evaluation.condition_until
 
 
 def _check_data(data: DataConfig, check_paths: bool) -> None:

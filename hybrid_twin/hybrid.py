@@ -13,10 +13,13 @@ the mechanistic model's, exactly; and a freshly built term starts at zero output
 layer is zero-initialised), so training starts from the mechanism. `neural_ode` builds the
 pure neural ODE baseline over the same states, doses and observables.
 
-Features are named: a state name, an input channel, a parameter name, "time" (the model's
+Features are named: a state name, an input channel, a parameter name, "<dose
+target>_on_board" (what a dose to that target leaves still to act: the sum of the states
+`DoseTarget.on_board` names, e.g. carbohydrate and insulin on board), "time" (the model's
 time unit) or "sin_day"/"cos_day" (time of day; `day_length` in the model's unit). Every
 network has fixed input shifts/scales and an output scale, so it sees O(1) inputs and
-produces outputs in the state's unit per time unit.
+produces outputs in the state's unit per time unit. Scales not given are set from the
+data by `autoscale` when training starts (`ScaledMLP.auto_in`, `auto_out`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ import numpy as np
 from .models.base import MechanisticModel
 
 TIME_FEATURES = ("time", "sin_day", "cos_day")
+ON_BOARD = "_on_board"
+
+
+def feature_names(model: MechanisticModel) -> tuple[str, ...]:
+    """Every feature a learned term of `model` can see (see the module docstring)."""
+    return (*model.state_names, *model.input_names, *model.param_names,
+            *(d.name + ON_BOARD for d in model.dose_targets), *TIME_FEATURES)
+
+
+def _on_board(model: MechanisticModel, target: str, y):
+    """The amount of doses to `target` still to act: the sum of its `on_board` states."""
+    d = model.dose_targets[model.index("dose_target", target)]
+    total = 0.0
+    for s_ in d.on_board or (d.state,):
+        total = total + y[model.index("state", s_)]
+    return total
 
 
 def _column(g, k: int):
@@ -55,10 +74,13 @@ class ScaledMLP(eqx.Module):
     in_shift: jax.Array
     in_scale: jax.Array
     out_scale: jax.Array
+    auto_in: tuple[bool, ...] = eqx.field(static=True)
+    auto_out: bool = eqx.field(static=True)
 
     def __init__(self, in_size: int, out_size: int, *, width: int = 32, depth: int = 2,
                  key: jax.Array, in_shift: Any = None, in_scale: Any = None,
-                 out_scale: Any = 1.0, activation=jax.nn.softplus):
+                 out_scale: Any = 1.0, activation=jax.nn.softplus,
+                 auto_in: Sequence[bool] | None = None, auto_out: bool = False):
         mlp = eqx.nn.MLP(in_size, out_size, width, depth, activation=activation, key=key)
         last = mlp.layers[-1]
         last = eqx.tree_at(lambda l: (l.weight, l.bias), last,
@@ -67,6 +89,8 @@ class ScaledMLP(eqx.Module):
         self.in_shift = jnp.zeros(in_size) if in_shift is None else jnp.asarray(in_shift, float)
         self.in_scale = jnp.ones(in_size) if in_scale is None else jnp.asarray(in_scale, float)
         self.out_scale = jnp.broadcast_to(jnp.asarray(out_scale, float), (out_size,))
+        self.auto_in = tuple(bool(a) for a in (auto_in or (False,) * in_size))
+        self.auto_out = bool(auto_out)
 
     def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array | list:
         if isinstance(x, (list, tuple)):
@@ -112,6 +136,8 @@ def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_len
             cols.append(u[name])
         elif name in model.param_names:
             cols.append(p[name])
+        elif name.endswith(ON_BOARD) and name[:-len(ON_BOARD)] in model.dose_target_names:
+            cols.append(_on_board(model, name[:-len(ON_BOARD)], y))
         elif name == "time":
             cols.append(t)
         elif name == "sin_day":
@@ -119,8 +145,8 @@ def _features(model: MechanisticModel, names: Sequence[str], t, y, p, u, day_len
         elif name == "cos_day":
             cols.append(jnp.cos(2 * math.pi * t / day_length))
         else:
-            raise KeyError(f"unknown feature {name!r}; use a state, input or parameter of "
-                           f"{type(model).__name__} or one of {TIME_FEATURES}")
+            raise KeyError(f"unknown feature {name!r}; use one of "
+                           f"{', '.join(feature_names(model))}")
     shape = jnp.broadcast_shapes(*[jnp.shape(c) for c in cols])
     return [jnp.broadcast_to(c, shape) for c in cols]
 
@@ -340,7 +366,9 @@ class HybridModel(MechanisticModel):
 
 def _scales(model: MechanisticModel, names: Sequence[str],
             scales: Mapping[str, tuple[float, float]] | None):
-    shift, scale = [], []
+    """Input (shift, scale) of each feature from `scales`, and which are left to
+    `autoscale` (placeholders: parameters by their typical value, others 0 and 1)."""
+    shift, scale, auto = [], [], []
     for n in names:
         if scales and n in scales:
             a, b = scales[n]
@@ -350,35 +378,49 @@ def _scales(model: MechanisticModel, names: Sequence[str],
             a, b = 0.0, 1.0
         shift.append(a)
         scale.append(b if b else 1.0)
-    return np.array(shift), np.array(scale)
+        auto.append(not (scales and n in scales))
+    return np.array(shift), np.array(scale), tuple(auto)
+
+
+def _out(out_scale: Any) -> tuple[Any, bool]:
+    """(placeholder, auto?) of an `out_scale` argument: a number or list, or "auto"."""
+    if isinstance(out_scale, str):
+        if out_scale != "auto":
+            raise ValueError(f"out_scale must be a number, a list or 'auto', got {out_scale!r}")
+        return 1.0, True
+    return out_scale, False
 
 
 def state_correction(model: MechanisticModel, states: Sequence[str], features: Sequence[str],
                      *, key: jax.Array, width: int = 32, depth: int = 2,
                      feature_scales: Mapping[str, tuple[float, float]] | None = None,
-                     out_scale: float | Sequence[float] = 1.0) -> StateCorrection:
+                     out_scale: float | Sequence[float] | str = "auto") -> StateCorrection:
     """A zero-initialised correction of dy/dt for `states` from `features`.
 
-    `feature_scales` maps a feature to (shift, scale) for standardisation (defaults:
-    parameters by their typical value, others unscaled); `out_scale` is the typical size
-    of the correction in state units per time unit.
+    `feature_scales` maps a feature to (shift, scale) for standardisation; the others are
+    set from the training data by `autoscale`. `out_scale` is the typical size of the
+    correction in state units per time unit, or "auto" (set by `autoscale`).
     """
-    shift, scale = _scales(model, features, feature_scales)
+    shift, scale, auto = _scales(model, features, feature_scales)
+    out, auto_out = _out(out_scale)
     net = ScaledMLP(len(features), len(states), width=width, depth=depth, key=key,
-                    in_shift=shift, in_scale=scale, out_scale=out_scale)
+                    in_shift=shift, in_scale=scale, out_scale=out, auto_in=auto,
+                    auto_out=auto_out)
     return StateCorrection(net, tuple(states), tuple(features))
 
 
 def term_closure(model: MechanisticModel, term: str, features: Sequence[str], *,
                  key: jax.Array, width: int = 32, depth: int = 2,
                  feature_scales: Mapping[str, tuple[float, float]] | None = None,
-                 out_scale: float = 1.0, mode: str = "replace") -> TermClosure:
+                 out_scale: float | str = "auto", mode: str = "replace") -> TermClosure:
     """A zero-initialised network closing the flux `term` of `model` (see `TermClosure`
     for `mode`; `out_scale` is the typical size of g: the term's unit for "replace" and
-    "add", dimensionless for "scale")."""
-    shift, scale = _scales(model, features, feature_scales)
+    "add", dimensionless for "scale"; "auto": set by `autoscale`). Feature scales as in
+    `state_correction`."""
+    shift, scale, auto = _scales(model, features, feature_scales)
+    out, auto_out = _out(out_scale)
     net = ScaledMLP(len(features), 1, width=width, depth=depth, key=key, in_shift=shift,
-                    in_scale=scale, out_scale=out_scale)
+                    in_scale=scale, out_scale=out, auto_in=auto, auto_out=auto_out)
     return TermClosure(net, term, tuple(features), mode)
 
 
@@ -386,28 +428,153 @@ def covariate_network(model: MechanisticModel, params: Sequence[str],
                       covariates: Sequence[str], *, key: jax.Array, width: int = 16,
                       depth: int = 2,
                       feature_scales: Mapping[str, tuple[float, float]] | None = None,
-                      out_scale: float = 0.5) -> CovariateNetwork:
+                      out_scale: float | str = "auto") -> CovariateNetwork:
     """A zero-initialised network from `covariates` (names; standardised by
-    `feature_scales`, default unscaled) to offsets of `params` in the fitting space
-    (`out_scale`: their typical size, e.g. 0.5 on the log scale)."""
+    `feature_scales`, the others by `autoscale`) to offsets of `params` in the fitting
+    space (`out_scale`: their typical size, e.g. 0.5 on the log scale; "auto": the
+    largest of the params' between-patient spreads, set by `autoscale`)."""
     bad = [q for q in params if q not in model.param_names]
     if bad:
         raise KeyError(f"covariate network: {bad} are not parameters of "
                        f"{type(model).__name__} ({', '.join(model.param_names)})")
-    shift, scale = _scales(model, covariates, feature_scales)
+    shift, scale, auto = _scales(model, covariates, feature_scales)
+    out, auto_out = _out(out_scale)
     net = ScaledMLP(len(covariates), len(params), width=width, depth=depth, key=key,
-                    in_shift=shift, in_scale=scale, out_scale=out_scale)
+                    in_shift=shift, in_scale=scale, out_scale=out, auto_in=auto,
+                    auto_out=auto_out)
     return CovariateNetwork(net, tuple(params), tuple(covariates))
 
 
 def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, depth: int = 2,
                features: Sequence[str] | None = None,
                feature_scales: Mapping[str, tuple[float, float]] | None = None,
-               out_scale: float | Sequence[float] = 1.0, day_length: float = 24.0
+               out_scale: float | Sequence[float] | str = "auto", day_length: float = 24.0
                ) -> HybridModel:
     """The pure neural ODE baseline: dy/dt = g_phi(states, inputs) on `model`'s states,
-    with the same doses, inputs, initial state and observables, and no mechanism."""
+    with the same doses, inputs, initial state and observables, and no mechanism.
+    Unscaled features and an "auto" `out_scale` are set from the training data by
+    `autoscale`."""
     features = tuple(features or (*model.state_names, *model.input_names))
     corr = state_correction(model, model.state_names, features, key=key, width=width,
                             depth=depth, feature_scales=feature_scales, out_scale=out_scale)
     return HybridModel(model, (corr,), (), use_mechanism=False, day_length=day_length)
+
+
+def _inputs_at(model: MechanisticModel, schedule, ts: np.ndarray) -> dict[str, np.ndarray]:
+    """Each input channel's value `(N, M)` at the times `ts` `(N, M)` (piecewise constant
+    or linear between a schedule's breakpoints, 0 before the first)."""
+    it = np.asarray(schedule.input_times)
+    iv = np.asarray(schedule.input_values)
+    im = np.asarray(schedule.input_mask)
+    out = {}
+    for c, name in enumerate(model.input_names):
+        vals = np.zeros(ts.shape)
+        for i in range(ts.shape[0]):
+            x, v = it[i][im[i]], iv[i][im[i], c]
+            if not x.size:
+                continue
+            if schedule.interpolation == "linear":
+                vals[i] = np.interp(ts[i], x, v)
+            else:
+                k = np.searchsorted(x, ts[i], side="right") - 1
+                vals[i] = np.where(k >= 0, v[np.maximum(k, 0)], 0.0)
+        out[name] = vals
+    return out
+
+
+def _moments(x: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(mean, sd) of `x` where `mask`; an sd that is not positive becomes max(|mean|, 1)
+    (a constant feature is only shifted)."""
+    v = np.broadcast_to(np.asarray(x, float), mask.shape)[mask]
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return 0.0, 1.0
+    mean, sd = float(v.mean()), float(v.std())
+    if not sd > 1e-12 * max(abs(mean), 1e-300):
+        sd = max(abs(mean), 1.0)
+    return mean, sd
+
+
+def _rms(x: np.ndarray, mask: np.ndarray) -> float:
+    v = np.broadcast_to(np.asarray(x, float), mask.shape)[mask]
+    v = v[np.isfinite(v)]
+    r = float(np.sqrt(np.mean(v * v))) if v.size else 0.0
+    return r if r > 0 else 1.0
+
+
+SCALE_MODE_OUT = 0.5
+"""The automatic `out_scale` of a "scale" closure: g is a relative change of the term."""
+
+
+def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> HybridModel:
+    """`model` with the scales its terms left to the data (`ScaledMLP.auto_in`,
+    `auto_out`) set from a cohort: the mechanistic model is simulated for the cohort's
+    patients with parameters `theta` `(N, P)` (natural units) at their observation times,
+    and each feature is standardised by its mean and standard deviation over those
+    samples. Output scales: the root mean square of the mechanism's dy/dt of each
+    corrected state (state units per time unit; for a neural ODE too), of the closed term
+    ("replace", "add"), `SCALE_MODE_OUT` for a "scale" closure, and the largest
+    between-patient spread of a covariate network's parameters (0.1 at least).
+    Patients whose simulation fails are left out."""
+    from .simulate import simulate
+
+    mech = model.mechanistic
+    theta = jnp.asarray(theta)
+    sol = simulate(mech, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask,
+                   options=options)
+    ok = np.asarray(sol.status) == 0
+    mask = np.asarray(cohort.obs_mask) & ok[:, None]
+    ts = np.asarray(cohort.obs_times, float)
+    ys = np.asarray(sol.ys, float)
+    y = tuple(np.where(mask, ys[..., i], 0.0) for i in range(mech.n_states))
+    th = np.asarray(theta, float)
+    p = {k: th[:, i][:, None] for i, k in enumerate(mech.param_names)}
+    u = _inputs_at(mech, cohort.schedule, ts)
+    dy = [np.asarray(d) for d in mech.vector_field(jnp.asarray(ts), tuple(map(jnp.asarray, y)),
+                                                   {k: jnp.asarray(v) for k, v in p.items()},
+                                                   {k: jnp.asarray(v) for k, v in u.items()})]
+    flux = {k: np.asarray(v) for k, v in mech.fluxes(
+        jnp.asarray(ts), tuple(map(jnp.asarray, y)), {k: jnp.asarray(v) for k, v in p.items()},
+        {k: jnp.asarray(v) for k, v in u.items()}).items()}
+
+    def rescale(net: ScaledMLP, cols, out):
+        shift, scale = np.array(net.in_shift, float), np.array(net.in_scale, float)
+        for f, auto in enumerate(net.auto_in):
+            if auto:
+                shift[f], scale[f] = cols(f)
+        new = eqx.tree_at(lambda n_: (n_.in_shift, n_.in_scale), net,
+                          (jnp.asarray(shift), jnp.asarray(scale)))
+        if net.auto_out:
+            o = jnp.broadcast_to(jnp.asarray(out(), float), net.out_scale.shape)
+            new = eqx.tree_at(lambda n_: n_.out_scale, new, o)
+        return new
+
+    def feature_cols(features):
+        cols = _features(mech, features, ts, y, p, u, model.day_length)
+        return lambda f: _moments(np.asarray(cols[f]), mask)
+
+    names = mech.state_names
+    corrections = tuple(
+        eqx.tree_at(lambda c_: c_.net, c, rescale(
+            c.net, feature_cols(c.features),
+            lambda c=c: [_rms(dy[names.index(s_)], mask) for s_ in c.states]))
+        for c in model.corrections)
+
+    def closure_out(c):
+        if c.mode == "scale":
+            return SCALE_MODE_OUT
+        return _rms(flux[c.term], mask)
+
+    closures = tuple(
+        eqx.tree_at(lambda c_: c_.net, c, rescale(c.net, feature_cols(c.features),
+                                                 lambda c=c: closure_out(c)))
+        for c in model.closures)
+    cov_net = model.covariate_net
+    if cov_net is not None:
+        x = np.asarray(cohort.covariates, float)[:, cov_net.columns(cohort.covariate_names)]
+        rows = np.ones((x.shape[0],), bool)
+        omega = max([mech.parameter(q).omega for q in cov_net.params] + [0.1])
+        cov_net = eqx.tree_at(lambda c_: c_.net, cov_net, rescale(
+            cov_net.net, lambda f: _moments(x[:, f], rows), lambda: omega))
+    return dataclasses.replace(model, corrections=corrections, closures=closures,
+                               covariate_net=cov_net)

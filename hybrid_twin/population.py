@@ -218,6 +218,8 @@ def train_population(
     *,
     free: tuple[str, ...],
     error_model=None,
+    typical: np.ndarray | None = None,
+    omega: np.ndarray | None = None,
     epochs: int = 50,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
@@ -225,48 +227,93 @@ def train_population(
     patience: int = 10,
     val_every: int = 1,
     val_condition_until: float | None = None,
+    condition_until: float | None = None,
+    refit_iter: int = 15,
+    lr_decay: float = 0.5,
+    lr_patience: int | None = None,
+    min_delta: float = 1e-3,
+    autoscale_terms: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     options: SolverOptions | None = None,
     on_epoch_end=None,
 ):
     """Train a hybrid model's shared network weights jointly with the population typical
-    values and every training patient's parameters (joint MAP), mini-batched over patients.
+    values and the training patients' parameters, mini-batched over patients.
 
-    Start: every training patient is calibrated (MAP) with the model as given, and the
-    population typical values and between-patient spreads are set to the mean and spread
-    of those estimates (Laplace EM update); the spreads then stay fixed. Loss of a batch:
-    the weighted squared residuals of its patients' observations, the population prior on
-    their free parameters (unconstrained space; typical values learned), and
-    `penalty_weight` times the learned terms' squared weights.
-    Optimiser: Adam (optax). Validation: the validation patients are calibrated (MAP) with
-    the current model, on their data up to `val_condition_until` if given, and the
-    weighted RMSE of the rest of their data (a forecast; all of it if None) is the
-    early-stopping criterion; the best model is kept. With `checkpoint_dir`, the state is written atomically after every
-    epoch and training resumes from it: an interrupted run, started again, reaches the
-    same result as an uninterrupted one (mini-batches depend only on seed and epoch).
-    Patients whose solve fails in a batch add nothing to its loss (their count is the
-    epoch's "failed_solves" in the history), and a validation patient whose solve fails
-    is not scored.
+    Start: every training patient is calibrated (MAP) with the model as given. The
+    population typical values and between-patient spreads are `typical` (natural units,
+    (P,)) and `omega` ((P,), unconstrained space) when given (e.g. from `fit_population`),
+    otherwise the mean and spread of those estimates (Laplace EM update); the spreads
+    then stay fixed, the typical values are trained. With
+    `autoscale_terms`, the scales the learned terms left to the data are then set from
+    the training patients (`hybrid_twin.hybrid.autoscale`).
 
-    Raises `InputError` (before any compute) when `val` has patients but no observation
-    after `val_condition_until` to score, and `FitFailed` when no training patient can be
-    fitted at the start.
+    Objective, two kinds:
+    - `condition_until` None (joint): each batch's loss is the weighted squared residuals
+      of its patients' observations, the population prior on their free parameters
+      (unconstrained space; typical values learned) and `penalty_weight` times the
+      learned terms' squared weights; network weights, typical values and the patients'
+      parameters all move by its gradient (joint MAP).
+    - `condition_until` set (forecast): at the start of every epoch each training
+      patient's parameters are fitted (MAP, `refit_iter` Levenberg-Marquardt iterations
+      from the previous estimates) to its data up to `condition_until` with the current
+      network, and then held: the network (and the typical values, through the prior) is
+      trained on all of the patient's data, so what the network must explain is what the
+      early window's parameters leave unexplained later, and the patients' parameters
+      cannot absorb a missing effect by fitting the whole record.
+
+    Optimiser: Adam (optax); its learning rate is multiplied by `lr_decay` after
+    `lr_patience` epochs (default: half of `patience`, at least 1) without a validation
+    improvement larger than `min_delta` (relative), and training stops after `patience`
+    such epochs or `epochs` in all. Validation: the validation patients are calibrated
+    (MAP) with the current model, on their data up to `val_condition_until` if given, and
+    the weighted RMSE of the rest of their data (a forecast; all of it if None) is the
+    early-stopping criterion; the best model is kept. With `checkpoint_dir`, the state is
+    written atomically after every epoch and training resumes from it: an interrupted
+    run, started again, reaches the same result as an uninterrupted one (mini-batches
+    depend only on seed and epoch). Patients whose solve fails in a batch add nothing to
+    its loss (their count is the epoch's "failed_solves" in the history), and a
+    validation patient whose solve fails is not scored.
+
+    Raises `InputError` (before any compute) when `val` is given but has no patients,
+    when it has no observation after `val_condition_until` to score, and when
+    `condition_until` leaves a training window empty (no training patient has data up to
+    it, or none after it); `FitFailed` when no training patient can be fitted at the
+    start.
 
     Returns (best model, TrainState, history list of dicts).
     """
-    if val is not None and val.n_patients and not bool(
+    if val is not None and not val.n_patients:
+        raise InputError("training: the validation set has no patients; give validation "
+                         "patients (split.val > 0) so that training can stop when it "
+                         "stops improving")
+    if condition_until is not None:
+        early = np.asarray(train.fit_mask(condition_until))
+        late = np.asarray(train.score_mask(condition_until))
+        if not early.any() or not late.any():
+            raise InputError(
+                f"training: condition_until={condition_until:g} leaves no training data "
+                f"{'up to' if not early.any() else 'after'} it (the training "
+                f"observations run from {_first_time(train):g} to {_last_time(train):g}); "
+                "the forecast objective fits each patient before it and scores after it")
+    if val is not None and not bool(
             np.any(np.asarray(val.score_mask(val_condition_until)))):
         raise InputError(
             f"training: the {val.n_patients} validation patients have no observation after "
             f"val_condition_until={val_condition_until} (their last is at "
             f"{_last_time(val):g}): validation could never score the model")
     error_model = error_model or ErrorModel()
+    forecast = condition_until is not None
+    lr_patience = max(patience // 2, 1) if lr_patience is None else lr_patience
     train_options = training_options(options)
     idx = jnp.asarray([model.index("param", n) for n in free])
-    typical = jnp.asarray(model.typical_params())
+    given = typical is not None and omega is not None
+    typical = np.asarray(model.typical_params() if typical is None else typical, float)
+    omega_given = None if omega is None else np.asarray(omega, float)
+    base = model.to_unconstrained(jnp.asarray(typical))
     n = train.n_patients
-    optimizer = optax.adam(learning_rate)
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
     ckpt_exists = checkpoint_dir is not None and (
         Path(checkpoint_dir) / "train_state.eqx").exists()
     if ckpt_exists:  # a template in the dtype the fits (and so the checkpoint) are in
@@ -276,7 +323,10 @@ def train_population(
     else:
         # start every patient at its MAP estimate under the mechanism as it stands, and
         # the population at the mean and spread of those estimates (Laplace EM update)
-        res0 = calibrate(model, train, free=free, error_model=error_model, options=options)
+        res0 = calibrate(model, train, free=free, error_model=error_model, options=options,
+                         condition_until=condition_until,
+                         typical=typical if given else None,
+                         omega=omega_given if given else None)
         error_model = res0.error_model
         usable = (np.asarray(res0.status) == Status.OK) & (np.asarray(res0.n_data) > 0)
         if not usable.any():
@@ -284,9 +334,18 @@ def train_population(
                             f"at the start ({status_counts(fit_status(res0))})",
                             stage="training", diverged=False)
         z0 = res0.z
-        z_typ0 = jnp.mean(z0[usable], axis=0)
-        omega0 = jnp.sqrt(jnp.var(z0[usable], axis=0) + jnp.mean(
-            jnp.diagonal(res0.cov_z, axis1=1, axis2=2)[usable], axis=0))
+        if given:
+            z_typ0 = base[idx].astype(z0.dtype)
+            omega0 = jnp.asarray(omega_given, z0.dtype)[idx]
+        else:
+            z_typ0 = jnp.mean(z0[usable], axis=0)
+            omega0 = jnp.sqrt(jnp.var(z0[usable], axis=0) + jnp.mean(
+                jnp.diagonal(res0.cov_z, axis1=1, axis2=2)[usable], axis=0))
+        if autoscale_terms and hasattr(model, "mechanistic"):
+            from .hybrid import autoscale
+
+            model = autoscale(model, train.select(np.flatnonzero(usable)),
+                              np.asarray(res0.params)[usable], options=options)
     params0 = (eqx.filter(model, eqx.is_inexact_array), z0, z_typ0)
     state = TrainState(model=model, z=z0, typical_z=z_typ0, omega=omega0,
                        opt_state=optimizer.init(params0), epoch=jnp.array(0),
@@ -309,16 +368,16 @@ def train_population(
                 history = json.loads(hist_path.read_text())[: int(state.epoch)]
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
     has_inf = train.schedule.has_infusions()  # concrete here, traced in the step
-    base = model.to_unconstrained(typical)
+    held_em = dataclasses.replace(error_model, estimate=False)
 
-    def batch_loss(trainable, omega, rows, batch, row_w, n_rows):
+    def batch_loss(trainable, omega, rows, batch, row_w, n_rows, fit_z):
         """The loss of a mini-batch: its rows' data and prior terms over `n_rows` (the
         batch size without padding; padding rows have row_w 0 and no data), plus the
-        penalty."""
+        penalty. With `fit_z` False the patients' parameters are held (no gradient)."""
         net_arrays, z_all, z_typ = trainable
         m = eqx.combine(net_arrays, static)
         sched, ts, mask, obs_k, y, w, cov = batch
-        z_b = z_all[rows]
+        z_b = z_all[rows] if fit_z else jax.lax.stop_gradient(z_all[rows])
         full = jnp.tile(base, (z_b.shape[0], 1)).at[:, idx].set(z_b)
         theta = model.from_unconstrained(full)
         sol = simulate(m, theta, sched, ts, mask, options=train_options,
@@ -348,10 +407,11 @@ def train_population(
     @eqx.filter_jit
     def step(trainable, opt_state, omega, rows, batch, row_w, n_rows):
         (_, (data, failed)), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
-            trainable, omega, rows, batch, row_w, n_rows)
+            trainable, omega, rows, batch, row_w, n_rows, not forecast)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        # patients outside the batch keep their parameters (only their moments decay)
-        in_batch = jnp.zeros((n, 1), bool).at[rows].set(True)
+        # patients outside the batch keep their parameters (only their moments decay);
+        # under the forecast objective every patient's are held
+        in_batch = jnp.zeros((n, 1), bool).at[rows].set(not forecast)
         updates = (updates[0], jnp.where(in_batch, updates[1], 0.0), updates[2])
         return eqx.apply_updates(trainable, updates), opt_state, data, failed
 
@@ -360,12 +420,26 @@ def train_population(
                 c.obs_mask[rows], c.obs_index[rows], c.obs_values[rows], c.data_mask[rows],
                 c.covariates[rows])
 
+    def population_prior(z_typ, omega):
+        """Typical values (natural units, (P,)) and spreads ((P,), unconstrained) of the
+        current population, for calibrations."""
+        return (np.asarray(model.from_unconstrained(base.at[idx].set(z_typ))),
+                np.asarray(jnp.zeros(model.n_params).at[idx].set(omega)))
+
     n_obs = float(np.sum(np.asarray(train.data_mask)))
-    while int(state.epoch) < epochs and int(state.bad_epochs) < patience:
+    while (int(state.epoch) < epochs and int(state.bad_epochs) < patience):
         epoch = int(state.epoch)
         t0 = time.perf_counter()
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        trainable = (eqx.filter(state.model, eqx.is_inexact_array), state.z, state.typical_z)
+        z_all = state.z
+        if forecast:
+            typ_nat, omega_full = population_prior(state.typical_z, state.omega)
+            refit = calibrate(state.model, train, free=free, error_model=held_em,
+                              max_iter=refit_iter, condition_until=condition_until,
+                              typical=typ_nat, omega=omega_full, options=options)
+            keep = (np.asarray(refit.status) == Status.OK)[:, None]
+            z_all = jnp.where(jnp.asarray(keep), refit.z.astype(z_all.dtype), z_all)
+        trainable = (eqx.filter(state.model, eqx.is_inexact_array), z_all, state.typical_z)
         opt_state = state.opt_state
         total = 0.0
         failed_solves = 0
@@ -395,23 +469,30 @@ def train_population(
         val_rmse = float("nan")
         improved = True
         if val is not None and (epoch + 1) % val_every == 0:
-            res = calibrate(new_model, val, free=free, error_model=dataclasses.replace(
-                error_model, estimate=False), max_iter=15, condition_until=val_condition_until,
-                typical=np.asarray(model.from_unconstrained(base.at[idx].set(trainable[2]))),
-                omega=np.asarray(jnp.zeros(model.n_params).at[idx].set(omega)),
-                options=options)
+            typ_nat, omega_full = population_prior(trainable[2], omega)
+            res = calibrate(new_model, val, free=free, error_model=held_em, max_iter=15,
+                            condition_until=val_condition_until, typical=typ_nat,
+                            omega=omega_full, options=options)
             val_rmse = _weighted_rmse(new_model, val, res.params, error_model,
                                       after=val_condition_until, options=options)
             improved = val_rmse < float(state.best_val)
+            # a plateau: no improvement larger than min_delta (relative)
+            progressed = val_rmse < float(state.best_val) * (1.0 - min_delta)
+        else:
+            progressed = improved
+        bad = 0 if progressed else int(state.bad_epochs) + 1
+        lr = float(opt_state.hyperparams["learning_rate"])
+        if bad and bad % lr_patience == 0:
+            opt_state.hyperparams["learning_rate"] = jnp.asarray(
+                lr * lr_decay, opt_state.hyperparams["learning_rate"].dtype)
         best_val = jnp.array(val_rmse) if improved and val is not None else state.best_val
         state = TrainState(model=new_model, z=z_all, typical_z=trainable[2], omega=omega,
                            opt_state=opt_state, epoch=jnp.array(epoch + 1), best_val=best_val,
                            best_model=new_model if improved else state.best_model,
-                           bad_epochs=jnp.array(0 if improved else int(state.bad_epochs) + 1),
-                           error_sd=state.error_sd)
+                           bad_epochs=jnp.array(bad), error_sd=state.error_sd)
         history.append({"epoch": epoch + 1, "train_rmse_weighted": (2 * total / n_obs) ** 0.5,
                         "val_rmse_weighted": val_rmse, "failed_solves": failed_solves,
-                        "seconds": time.perf_counter() - t0})
+                        "learning_rate": lr, "seconds": time.perf_counter() - t0})
         if ckpt is not None:
             with atomic_open(ckpt, "wb") as fh:
                 eqx.tree_serialise_leaves(fh, state)
@@ -433,6 +514,12 @@ def _weighted_rmse(model, cohort, theta, error_model, after: float | None = None
         return float("nan")
     r = (np.asarray(cohort.obs_values) - np.asarray(f)) / np.asarray(error_model.sd(f))
     return float(np.sqrt(np.mean(r[w] ** 2)))
+
+
+def _first_time(cohort) -> float:
+    """The earliest observation time with data in `cohort` (inf if none)."""
+    t = np.asarray(cohort.obs_times)[np.asarray(cohort.data_mask)]
+    return float(t.min()) if t.size else float("inf")
 
 
 def _last_time(cohort) -> float:

@@ -179,3 +179,70 @@ def test_covariate_network_shifts_parameters():
     net2 = eqx.tree_at(lambda n: n.net.mlp.layers[-1].bias, net, jnp.array([0.1]))
     theta2 = net2.apply(mech, mech.typical_params(), wt)
     np.testing.assert_allclose(np.asarray(theta2[:, 1]), 2.75 * np.exp(0.1), rtol=1e-12)
+
+
+def test_autoscale_standardises_features_and_sizes_outputs_from_the_data():
+    """`autoscale` sets each feature left to it to the mean and SD of that feature along
+    the mechanism's trajectories of the cohort, and each automatic output scale to the RMS
+    of what the term adds to (dy/dt of the corrected state, the closed flux); scales given
+    explicitly are kept. Reference: the same statistics computed here from a plain
+    simulation."""
+    from hybrid_twin.data.virtual import DoseSpec, ScheduleSpec, virtual_cohort
+    from hybrid_twin.hybrid import autoscale
+
+    mech = BergmanMinimal()
+    spec = ScheduleSpec(doses=(DoseSpec(120.0, 60.0, "meal", time_jitter=30.0,
+                                        amount_cv=0.3), DoseSpec(120.0, 1.0, "insulin")),
+                        horizon=600.0, obs_every=10.0, observables=("glucose",))
+    vc = virtual_cohort(mech, 6, schedule=spec, seed=0)
+    corr = state_correction(mech, ("G", "X"), ("G", "meal_on_board", "sin_day", "p1"),
+                            key=jax.random.PRNGKey(0), feature_scales={"sin_day": (0.0, 1.0)})
+    clo = term_closure(mech, "insulin_action", ("I",), key=jax.random.PRNGKey(1), out_scale=2.0,
+                       mode="add")
+    sca = term_closure(mech, "insulin_action_gain", ("cos_day",), key=jax.random.PRNGKey(2),
+                       mode="scale")
+    hyb = HybridModel(mech, (corr,), (clo, sca), day_length=1440.0)
+    theta = np.asarray(vc.true_params)
+    scaled = autoscale(hyb, vc.cohort, theta, options=OPTS)
+
+    sol = simulate(mech, theta, vc.cohort.schedule, vc.cohort.obs_times, options=OPTS)
+    ys = np.asarray(sol.ys)
+    t = np.asarray(vc.cohort.obs_times)
+    g, x, i, q = ys[..., 0], ys[..., 1], ys[..., 2], ys[..., 3]
+    p1 = np.broadcast_to(theta[:, 0][:, None], g.shape)
+    net = scaled.corrections[0].net
+    np.testing.assert_allclose(net.in_shift, [g.mean(), q.mean(), 0.0, p1.mean()], rtol=1e-6)
+    np.testing.assert_allclose(net.in_scale, [g.std(), q.std(), 1.0, p1.std()], rtol=1e-6)
+    dy = mech.vector_field(t, tuple(ys[..., k] for k in range(5)), mech.param_dict(
+        theta[:, None, :]), {"carb_rate": np.zeros_like(t)})
+    rms = [float(np.sqrt(np.mean(np.asarray(d) ** 2))) for d in dy[:2]]
+    np.testing.assert_allclose(net.out_scale, rms, rtol=1e-6)
+    assert scaled.closures[0].net.out_scale[0] == 2.0  # given: kept
+    np.testing.assert_allclose(scaled.closures[0].net.in_shift, [i.mean()], rtol=1e-6)
+    assert scaled.closures[1].net.out_scale[0] == 0.5  # a relative change of the term
+    # a zero-initialised term still adds nothing: the hybrid is still the mechanism
+    np.testing.assert_array_equal(
+        np.asarray(simulate(scaled, theta, vc.cohort.schedule, vc.cohort.obs_times,
+                            options=OPTS).ys), ys)
+
+
+def test_on_board_features_are_the_dose_targets_holding_states():
+    """"<target>_on_board" is the sum of the states a dose target names as holding doses
+    until they act (default: the state it enters)."""
+    from hybrid_twin.hybrid import _features, feature_names
+    from hybrid_twin.models.base import DoseTarget
+
+    mech = BergmanMinimal()
+    assert {"meal_on_board", "insulin_on_board"} <= set(feature_names(mech))
+    y = tuple(np.array([float(k + 1)]) for k in range(5))
+    cols = _features(mech, ("meal_on_board", "insulin_on_board"), 0.0, y, {}, {}, 1440.0)
+    assert [float(c[0]) for c in cols] == [4.0, 5.0]  # Q_gut, S_sc
+
+    class TwoDepots(BergmanMinimal):
+        dose_targets = (DoseTarget("meal", "Q_gut", "g", on_board=("Q_gut", "S_sc")),
+                        BergmanMinimal.dose_targets[1])
+
+    cols = _features(TwoDepots(), ("meal_on_board",), 0.0, y, {}, {}, 1440.0)
+    assert float(cols[0][0]) == 9.0
+    with pytest.raises(KeyError, match="unknown feature 'snack_on_board'"):
+        _features(mech, ("snack_on_board",), 0.0, y, {}, {}, 1440.0)

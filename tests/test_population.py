@@ -40,6 +40,7 @@ SETUP = textwrap.dedent("""
         return train_population(model, parts["train"], parts["val"], free=("ka", "CL", "V"),
                                 error_model=ErrorModel("proportional", proportional=0.1),
                                 epochs=epochs, batch_size=8, checkpoint_dir=ckpt,
+                                condition_until=6.0, val_condition_until=6.0,
                                 on_epoch_end=on_epoch_end)
 """)
 
@@ -51,8 +52,8 @@ def run_python(code: str, cwd, env=None) -> subprocess.CompletedProcess:
 
 
 def test_killed_training_resumes_to_the_same_result(tmp_path):
-    """SIGKILL after epoch 2 of 4 in a subprocess; resumed here, training ends where an
-    uninterrupted run ends. (The subprocess fills a persistent compilation cache that
+    """SIGKILL after epoch 2 of 4 in a subprocess; resumed here, training (the forecast
+    objective: the patients refitted every epoch) ends where an uninterrupted run ends. (The subprocess fills a persistent compilation cache that
     this process then reads, so the programs compile once.)"""
     from hybrid_twin.compile_cache import scoped_compilation_cache
 
@@ -153,3 +154,78 @@ def test_covariate_network_learns_a_weight_effect():
         np.asarray(off_model.individual_typical(m.typical_params(), vc.cohort.covariates,
                                                 names)),
         np.tile(m.typical_params(), (40, 1)))
+
+
+def _saturable_problem(n=16, seed=1):
+    truth, m = Saturable(), OneCompartment()
+    spec = ScheduleSpec(doses=(DoseSpec(0.0, 320.0, "depot"),),
+                        obs_times=(0.5, 1, 2, 4, 6, 8, 12, 18, 24))
+    vc = virtual_cohort(truth, n, schedule=spec,
+                        noise=NoiseModel("proportional", proportional_sd=0.05), seed=seed)
+    parts = vc.cohort.split({"train": 0.75, "val": 0.25}, seed=0)
+    corr = state_correction(m, ("central",), ("central",), key=jax.random.PRNGKey(0),
+                            width=8, depth=1)
+    return HybridModel(m, (corr,)), parts
+
+
+def _late_changed(cohort, after, factor):
+    """`cohort` with its observations after `after` multiplied by `factor`."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    late = np.asarray(cohort.obs_times) > after
+    values = np.where(late, np.asarray(cohort.obs_values) * factor, cohort.obs_values)
+    return eqx.tree_at(lambda c: c.obs_values, cohort, jnp.asarray(values))
+
+
+def test_forecast_objective_fits_each_patient_on_its_early_window_only():
+    """Under the forecast objective the training patients' parameters come from their
+    data up to condition_until alone: changing the later data leaves them unchanged (to
+    rounding) but changes what the network learns (two Adam steps, so that the size of
+    the gradient, not only its sign, shows)."""
+    model, parts = _saturable_problem()
+    changed = _late_changed(parts["train"], 6.0, 1.4)
+    runs = [train_population(model, train, parts["val"], free=("ka", "CL", "V"),
+                             error_model=ErrorModel("proportional", proportional=0.05),
+                             epochs=1, batch_size=6, learning_rate=2e-2,
+                             condition_until=6.0, val_condition_until=6.0)[1]
+            for train in (parts["train"], changed)]
+    np.testing.assert_allclose(np.asarray(runs[0].z), np.asarray(runs[1].z), rtol=0,
+                               atol=1e-9)
+    w_a, w_b = (np.asarray(s_.model.corrections[0].net.mlp.layers[-1].weight) for s_ in runs)
+    assert np.max(np.abs(w_a - w_b)) > 1e-4, np.max(np.abs(w_a - w_b))
+
+
+def test_learning_rate_decays_on_a_plateau_and_training_stops():
+    """With a learning rate too small to move anything, validation stops improving after
+    the first epoch: the rate halves every lr_patience epochs without progress and
+    training stops after `patience` of them, keeping the first epoch's model."""
+    model, parts = _saturable_problem(n=8)
+    best, state, history = train_population(
+        model, parts["train"], parts["val"], free=("ka", "CL", "V"),
+        error_model=ErrorModel("proportional", proportional=0.05), epochs=50, batch_size=8,
+        learning_rate=1e-12, patience=5, lr_patience=2, lr_decay=0.5,
+        condition_until=6.0, val_condition_until=6.0)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([h["learning_rate"] for h in history],
+                               [1e-12, 1e-12, 1e-12, 5e-13, 5e-13, 2.5e-13])
+    assert int(state.bad_epochs) == 5
+    assert float(state.best_val) == min(h["val_rmse_weighted"] for h in history)
+
+
+def test_training_refuses_windows_that_do_not_exist():
+    """An empty validation set, and a forecast cut with no training data on one side, are
+    errors before any compute."""
+    import pytest
+
+    from hybrid_twin.errors import InputError
+
+    model, parts = _saturable_problem(n=8)
+    kw = dict(free=("ka", "CL", "V"), epochs=1)
+    with pytest.raises(InputError, match="validation set has no patients"):
+        train_population(model, parts["train"], parts["val"].select([]), **kw)
+    with pytest.raises(InputError, match=r"condition_until=30 leaves no training data after "
+                                         r"it \(the training observations run from 0.5 to 24\)"):
+        train_population(model, parts["train"], parts["val"], condition_until=30.0, **kw)
+    with pytest.raises(InputError, match=r"condition_until=0.1 leaves no training data up to"):
+        train_population(model, parts["train"], parts["val"], condition_until=0.1, **kw)

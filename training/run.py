@@ -20,7 +20,12 @@ import numpy as np
 import yaml
 
 from hybrid_twin._atomic import atomic_open, atomic_write_text, remove_orphans
-from hybrid_twin.config import ExperimentConfig, resolved, solver_options
+from hybrid_twin.config import (
+    ExperimentConfig,
+    resolved,
+    solver_options,
+    training_condition_until,
+)
 from hybrid_twin.errors import InputError, RunDirectoryError, RunFailed
 
 
@@ -117,18 +122,22 @@ def load_trained_model(run_dir: str | os.PathLike):
 
 
 def build_cohort(cfg: ExperimentConfig, model, *, for_simulation: bool = False,
-                 run_dir: str | os.PathLike | None = None, notes: dict | None = None):
+                 run_dir: str | os.PathLike | None = None, notes: dict | None = None,
+                 truth=None):
     """The configured data as a Cohort and, for a virtual source, its `VirtualCohort`
     (simulated with the configured solver): `hybrid_twin.data.load_cohort` with every
     check and option of the `data` block (patients without observations are allowed only
     `for_simulation`; the pseudonym map is refused inside `run_dir`). The config's paths
     are absolute (`load_config` resolves them against the config file). `notes`, when a
     dict, receives what the import did besides reading (conversions, columns ignored or
-    encoded, pseudonymisation; no raw ID), for the run's log."""
+    encoded, pseudonymisation; no raw ID), for the run's log. `truth`: the model that
+    simulates a virtual cohort (default `model`), whose data are then expressed in
+    `model`'s observables and dose targets."""
     from hybrid_twin.data.load import load_cohort
 
     cohort, vc, done = load_cohort(cfg.data, model, options=solver_options(cfg),
-                                   for_simulation=for_simulation, run_dir=run_dir)
+                                   for_simulation=for_simulation, run_dir=run_dir,
+                                   truth=truth)
     if notes is not None:
         notes.update(done)
     return cohort, vc
@@ -396,6 +405,11 @@ def _check_inputs(cfg: ExperimentConfig, cohort, parts: dict) -> None:
                 f"data ({data}: observations from {first:g} to {last:g}); choose a time in "
                 f"[{first:g}, {last:g})")
     val = parts.get("val")
+    if cfg.model.learned and val is not None and not val.n_patients:
+        raise InputError(
+            f"split.val: {cfg.split.val:g} of {cohort.n_patients} patients gives no "
+            "validation patient, and training learned terms (model.learned) needs them to "
+            "stop when the forecast stops improving; raise split.val or add patients")
     if cfg.model.learned and val is not None and val.n_patients and not bool(
             np.any(np.asarray(val.score_mask(cond)))):
         tv = np.asarray(val.obs_times)[np.asarray(val.data_mask)]
@@ -453,7 +467,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike | None = None,
     truth_model = (get_model(cfg.data.virtual.model)
                    if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
     data_notes: dict = {}
-    cohort, _ = build_cohort(cfg, truth_model, run_dir=run_dir, notes=data_notes)
+    cohort, _ = build_cohort(cfg, mechanistic, run_dir=run_dir, notes=data_notes,
+                             truth=truth_model)
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     _check_inputs(cfg, cohort, parts)
@@ -556,7 +571,7 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log: Log, record: RunRecor
         from hybrid_twin.population import train_population
 
         t = time.perf_counter()
-        val = parts["val"] if parts["val"].n_patients else None
+        val = parts["val"]
 
         def on_epoch(epoch, rec):
             eta = rec["seconds"] * (cfg.training.epochs - epoch)
@@ -565,10 +580,14 @@ def _run_stages(cfg: ExperimentConfig, run_dir: Path, log: Log, record: RunRecor
 
         model, _, history = train_population(
             model, parts["train"], val, free=free, error_model=em,
+            typical=typical if population["fit"] else None,
+            omega=omega if population["fit"] else None,
             epochs=cfg.training.epochs, batch_size=cfg.training.batch_size,
             learning_rate=cfg.training.learning_rate, penalty_weight=cfg.training.penalty_weight,
             patience=cfg.training.patience, val_condition_until=cfg.evaluation.condition_until,
-            seed=cfg.seed, checkpoint_dir=ckpt / "training", options=options,
+            condition_until=training_condition_until(cfg), refit_iter=cfg.training.refit_iter,
+            lr_decay=cfg.training.lr_decay, lr_patience=cfg.training.lr_patience,
+            min_delta=cfg.training.min_delta, seed=cfg.seed, checkpoint_dir=ckpt / "training", options=options,
             on_epoch_end=on_epoch)
         wall["training_s"] = time.perf_counter() - t
         import equinox as eqx

@@ -69,7 +69,7 @@ def simulate_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, chunk:
         model = build_model(cfg, mechanistic)
     truth = (get_model(cfg.data.virtual.model)
              if cfg.data.source == "virtual" and cfg.data.virtual.model else mechanistic)
-    cohort, _ = build_cohort(cfg, truth, for_simulation=True, run_dir=out)
+    cohort, _ = build_cohort(cfg, mechanistic, for_simulation=True, run_dir=out, truth=truth)
     n = cohort.n_patients
     seed = cfg.seed if seed is None else seed
     theta = np.asarray(sample_params(model, jax.random.PRNGKey(seed), n, typical=typical,

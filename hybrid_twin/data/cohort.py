@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import InputError
+from ..models.base import MechanisticModel
 from ..schedule import Schedule
 
 
@@ -22,6 +25,11 @@ def before_cut(times, condition_until: float | None):
         xp = jnp if isinstance(times, jax.Array) else np
         return xp.ones(xp.shape(times), bool)
     return times <= condition_until
+
+
+def _name_map(names: Sequence[str], onto: Sequence[str]) -> np.ndarray:
+    """For each of `names`, its index in `onto` (-1 where it has none)."""
+    return np.array([list(onto).index(n) if n in onto else -1 for n in names], np.int64)
 
 
 def after_cut(times, condition_until: float | None):
@@ -78,6 +86,42 @@ class Cohort(eqx.Module):
         """(N, M) the data a forecast made at `condition_until` is scored on (all data
         when None); see `after_cut`."""
         return self.data_mask & after_cut(self.obs_times, condition_until)
+
+    def for_model(self, source: MechanisticModel, target: MechanisticModel,
+                  where: str = "cohort") -> Cohort:
+        """This cohort, built for `source`'s observables, dose targets and inputs,
+        expressed in `target`'s, matched by name (e.g. data simulated by one model and
+        fitted by another). `InputError` naming `where` when an observable with data or a
+        dose target in use has no namesake in `target`, or the input channels differ."""
+        if source.input_names != target.input_names:
+            raise InputError(f"{where}: {type(source).__name__} and {type(target).__name__} "
+                             f"have different input channels ({', '.join(source.input_names)}"
+                             f" vs {', '.join(target.input_names)})")
+        obs_map = _name_map(self.observable_names, target.observable_names)
+        used = np.unique(np.asarray(self.obs_index)[np.asarray(self.data_mask)])
+        missing = [self.observable_names[k] for k in used if obs_map[k] < 0]
+        if missing:
+            raise InputError(f"{where}: observable(s) {', '.join(missing)} of "
+                             f"{type(source).__name__} are not observables of "
+                             f"{type(target).__name__} ({', '.join(target.observable_names)})")
+        dose_map = _name_map(source.dose_target_names, target.dose_target_names)
+        sched = self.schedule
+        targets = np.asarray(sched.dose_targets)
+        in_use = np.unique(targets[np.asarray(sched.dose_mask)])
+        missing = [source.dose_target_names[k] for k in in_use if dose_map[k] < 0]
+        if missing:
+            raise InputError(f"{where}: dose target(s) {', '.join(missing)} of "
+                             f"{type(source).__name__} are not dose targets of "
+                             f"{type(target).__name__} ({', '.join(target.dose_target_names)})")
+        new_targets = np.where(np.asarray(sched.dose_mask), dose_map[targets], 0)
+        sched = dataclasses.replace(sched, dose_targets=jnp.asarray(
+            new_targets.astype(np.asarray(sched.dose_targets).dtype)))
+        obs_k = np.where(np.asarray(self.obs_mask), obs_map[np.asarray(self.obs_index)], 0)
+        keep = np.asarray(self.obs_mask) & (obs_map[np.asarray(self.obs_index)] >= 0)
+        return dataclasses.replace(
+            self, schedule=sched, observable_names=target.observable_names,
+            obs_index=jnp.asarray(obs_k.astype(np.asarray(self.obs_index).dtype)),
+            obs_mask=jnp.asarray(keep))
 
     def select(self, indices: Sequence[int] | np.ndarray) -> Cohort:
         """The sub-cohort of the given patient indices (in that order)."""

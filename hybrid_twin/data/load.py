@@ -136,7 +136,7 @@ def _check_observations(cohort: Cohort, where: str) -> None:
 def load_cohort(
     data_cfg, model: MechanisticModel, *, options=None, for_simulation: bool = False,
     config_dir: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
-    dtype=None,
+    dtype=None, truth: MechanisticModel | None = None,
 ) -> tuple[Cohort, VirtualCohort | None, dict]:
     """The cohort of a config's `data` block for `model`.
 
@@ -144,7 +144,11 @@ def load_cohort(
         data_cfg: the `data` config (`source` csv | hdf5 | virtual, `path`, `virtual`, and
             the options `time_unit`, `units`, `ignore_columns`, `categorical`, `max_abs_value`,
             `pseudonymise`, `pseudonym_key_env`, `pseudonym_key_file`, `pseudonym_map`).
-        model: the model the data are for (a virtual cohort is simulated with it).
+        model: the model the data are for (a virtual cohort is simulated with it unless
+            `truth` is given).
+        truth: the model that simulates a virtual cohort (default `model`); the cohort is
+            then expressed in `model`'s observables and dose targets, matched by name
+            (`Cohort.for_model`).
         options: `SolverOptions` for simulating a virtual cohort.
         for_simulation: patients without observations are allowed (they are errors for
             fitting).
@@ -205,9 +209,12 @@ def load_cohort(
         spec = ScheduleSpec(doses=tuple(v.doses), obs_every=v.obs_every, obs_start=v.obs_start,
                             horizon=v.horizon,
                             observables=tuple(v.observables) if v.observables else None)
-        vc = virtual_cohort(model, v.n, schedule=spec, noise=v.noise, seed=v.seed,
+        vc = virtual_cohort(truth or model, v.n, schedule=spec, noise=v.noise, seed=v.seed,
                             options=options)
         cohort = vc.cohort
+        if truth is not None and truth is not model:
+            cohort = cohort.for_model(truth, model, where="data.virtual.model")
+            vc = dataclasses.replace(vc, cohort=cohort)
         if key is not None:
             mapping = pseudonymise_ids(cohort.ids, key)
             cohort = dataclasses.replace(cohort, ids=tuple(mapping[i] for i in cohort.ids))

@@ -111,6 +111,9 @@ class DoseTarget:
     """Where a dose enters: `state` receives `amount * scale` (bolus) or `rate * scale`.
 
     `unit` is the unit of a dose amount (infusion rates are `unit` per time unit).
+    `on_board`: the states that hold a dose until it acts (default: `state` alone), in
+    one unit; their sum is the learned terms' feature "<name>_on_board" (e.g. carbohydrate
+    in the gut, insulin in the subcutaneous depot).
     """
 
     name: str
@@ -118,6 +121,7 @@ class DoseTarget:
     unit: str
     scale: float = 1.0
     description: str = ""
+    on_board: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
