@@ -86,6 +86,34 @@ def test_learned_terms_and_truth_model_are_checked():
             "model.learned=[{kind: state_correction, states: [G]}, {kind: neural_ode}]"])
 
 
+def test_training_section_is_checked():
+    """Training needs validation patients and, for the forecast objective, a window cut;
+    features and output scales are named or 'auto'."""
+    cfg = load_config("configs/glucose_hybrid.yaml", ["training.objective=forecast"])
+    assert cfg.model.learned[0].out_scale == 0.3
+    assert load_config("configs/glucose_hybrid.yaml").training.objective == "joint"
+    with pytest.raises(ConfigError, match=r"split.val: training learned terms "
+                                          r"\(model.learned\) needs validation patients"):
+        load_config("configs/glucose_hybrid.yaml",
+                    ["split={train: 0.75, val: 0.0, test: 0.25, seed: 0}"])
+    with pytest.raises(ConfigError, match=r"training.objective: forecast needs "
+                                          r"training.condition_until"):
+        load_config("configs/glucose_hybrid.yaml", ["training.objective=forecast",
+                                                    "evaluation.condition_until=null"])
+    with pytest.raises(ConfigError, match=r"training.objective: 'shooting' is not one of"):
+        load_config("configs/glucose_hybrid.yaml", ["training.objective=shooting"])
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].features\[0\]: "
+                                          r"'meal_onboard' is not a feature of "
+                                          r"glucose.BergmanMinimal; did you mean "
+                                          r"'meal_on_board'\?"):
+        load_config("configs/glucose_hybrid.yaml", ["model.learned.0.features=[meal_onboard]"])
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].out_scale: expected a number, "
+                                          r"a list of numbers or 'auto', got 'automatic'"):
+        load_config("configs/glucose_hybrid.yaml", ["model.learned.0.out_scale=automatic"])
+    with pytest.raises(ConfigError, match=r"training.lr_decay: expected a number in"):
+        load_config("configs/glucose_hybrid.yaml", ["training.lr_decay=1.5"])
+
+
 def test_covariate_network_section():
     cfg = load_config("configs/theophylline_covariates.yaml")
     assert cfg.model.learned[0].params == ["CL", "V"]
