@@ -113,10 +113,16 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class VirtualConfig:
+    """A virtual cohort: `n` patients of `model` (default: the fitted model), `doses`
+    repeated `repeat_count` times every `repeat_every` (e.g. a day's meals over several
+    days), observed every `obs_every` from `obs_start` to `horizon` with `noise`."""
+
     n: int = 100
     model: str | None = None
     seed: int = 0
     doses: list[DoseSpec] = dataclasses.field(default_factory=list)
+    repeat_every: float | None = None
+    repeat_count: int = 1
     obs_every: float = 1.0
     obs_start: float = 0.0
     horizon: float = 24.0
@@ -262,6 +268,7 @@ LEARNED_KINDS = ("state_correction", "term_closure", "covariate_network", "neura
 OPTIONAL_CHOICES = frozenset({"data.time_unit"})
 """Keys of `CHOICES` that may also be null."""
 POSITIVE = ("data.virtual.n", "data.virtual.obs_every", "data.virtual.horizon",
+            "data.virtual.repeat_count",
             "data.max_abs_value", "solver.rtol", "solver.atol", "solver.max_steps",
             "calibration.max_iter", "calibration.n_starts", "population.max_rounds",
             "training.epochs", "training.batch_size", "training.learning_rate",

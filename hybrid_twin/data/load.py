@@ -207,7 +207,8 @@ def load_cohort(
     else:
         v = data_cfg.virtual
         spec = ScheduleSpec(doses=tuple(v.doses), obs_every=v.obs_every, obs_start=v.obs_start,
-                            horizon=v.horizon,
+                            horizon=v.horizon, repeat_every=getattr(v, "repeat_every", None),
+                            repeat_count=getattr(v, "repeat_count", 1),
                             observables=tuple(v.observables) if v.observables else None)
         vc = virtual_cohort(truth or model, v.n, schedule=spec, noise=v.noise, seed=v.seed,
                             options=options)
