@@ -53,7 +53,8 @@ def reference(theta, ts, oral=ORAL, infusion=INFUSION, meals=(7.0, 12.0, 19.0), 
                         dense_output=True, max_step=0.25, args=(rate,))
         assert sol.success
         inside = (ts > a) & (ts <= b)
-        out[inside] = sol.sol(ts[inside]).T
+        if inside.any():
+            out[inside] = sol.sol(ts[inside]).T
         y = sol.y[:, -1].copy()
     assert not np.isnan(out).any()
     return out
