@@ -11,13 +11,15 @@ from .base import (
     lognormal_cv,
 )
 from .glucose import BergmanCircadian, BergmanMinimal
-from .pkpd import OneCompartment, TwoCompartment
+from .pkpd import EnterohepaticMM, OneCompartment, OneCompartmentMM, TwoCompartment
 
 REGISTRY: dict[str, type[MechanisticModel]] = {
     "glucose.BergmanMinimal": BergmanMinimal,
     "glucose.BergmanCircadian": BergmanCircadian,
     "pkpd.OneCompartment": OneCompartment,
     "pkpd.TwoCompartment": TwoCompartment,
+    "pkpd.OneCompartmentMM": OneCompartmentMM,
+    "pkpd.EnterohepaticMM": EnterohepaticMM,
 }
 
 
@@ -33,7 +35,8 @@ def get_model(name: str) -> MechanisticModel:
 
 
 __all__ = [
-    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "InputChannel", "MechanisticModel", "Observable",
-    "OneCompartment", "Parameter", "REGISTRY", "State", "TwoCompartment", "get_model",
+    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "EnterohepaticMM", "InputChannel",
+    "MechanisticModel", "Observable", "OneCompartment", "OneCompartmentMM", "Parameter",
+    "REGISTRY", "State", "TwoCompartment", "get_model",
     "glucose", "lognormal_cv", "pkpd",
 ]
