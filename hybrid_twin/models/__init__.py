@@ -10,12 +10,13 @@ from .base import (
     State,
     lognormal_cv,
 )
-from .glucose import BergmanCircadian, BergmanMinimal
+from .glucose import BergmanCircadian, BergmanMinimal, HovorkaT1D
 from .pkpd import OneCompartment, TwoCompartment
 
 REGISTRY: dict[str, type[MechanisticModel]] = {
     "glucose.BergmanMinimal": BergmanMinimal,
     "glucose.BergmanCircadian": BergmanCircadian,
+    "glucose.HovorkaT1D": HovorkaT1D,
     "pkpd.OneCompartment": OneCompartment,
     "pkpd.TwoCompartment": TwoCompartment,
 }
@@ -33,7 +34,8 @@ def get_model(name: str) -> MechanisticModel:
 
 
 __all__ = [
-    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "InputChannel", "MechanisticModel", "Observable",
+    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "HovorkaT1D", "InputChannel", "MechanisticModel",
+    "Observable",
     "OneCompartment", "Parameter", "REGISTRY", "State", "TwoCompartment", "get_model",
     "glucose", "lognormal_cv", "pkpd",
 ]
