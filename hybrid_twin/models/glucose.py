@@ -221,7 +221,8 @@ class HovorkaT1D(MechanisticModel):
     parameters: ClassVar[tuple[Parameter, ...]] = (
         Parameter("k12", "1/min", 0.066, _HOV04 + _SPREAD.format(0.4), 1e-3, 1.0,
                   omega=lognormal_cv(0.4),
-                  description="transfer rate from the non-accessible to the accessible compartment"),
+                  description="transfer rate from the non-accessible to the accessible "
+                              "compartment"),
         Parameter("k_a1", "1/min", 0.006, _HOV04 + _SPREAD.format(0.4), 1e-4, 1.0,
                   omega=lognormal_cv(0.4), description="deactivation rate of x1"),
         Parameter("k_a2", "1/min", 0.06, _HOV04 + _SPREAD.format(0.4), 1e-4, 1.0,
