@@ -10,12 +10,13 @@ from .base import (
     State,
     lognormal_cv,
 )
-from .glucose import BergmanCircadian, BergmanMinimal
+from .glucose import BergmanCircadian, BergmanMinimal, HovorkaT1D
 from .pkpd import EnterohepaticMM, OneCompartment, OneCompartmentMM, TwoCompartment
 
 REGISTRY: dict[str, type[MechanisticModel]] = {
     "glucose.BergmanMinimal": BergmanMinimal,
     "glucose.BergmanCircadian": BergmanCircadian,
+    "glucose.HovorkaT1D": HovorkaT1D,
     "pkpd.OneCompartment": OneCompartment,
     "pkpd.TwoCompartment": TwoCompartment,
     "pkpd.OneCompartmentMM": OneCompartmentMM,
@@ -35,8 +36,8 @@ def get_model(name: str) -> MechanisticModel:
 
 
 __all__ = [
-    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "EnterohepaticMM", "InputChannel",
-    "MechanisticModel", "Observable", "OneCompartment", "OneCompartmentMM", "Parameter",
-    "REGISTRY", "State", "TwoCompartment", "get_model",
+    "BergmanCircadian", "BergmanMinimal", "DoseTarget", "EnterohepaticMM", "HovorkaT1D",
+    "InputChannel", "MechanisticModel", "Observable", "OneCompartment", "OneCompartmentMM",
+    "Parameter", "REGISTRY", "State", "TwoCompartment", "get_model",
     "glucose", "lognormal_cv", "pkpd",
 ]

@@ -149,3 +149,215 @@ class BergmanCircadian(BergmanMinimal):
         s = 1.0 - p["a_si"] * jnp.cos(2.0 * math.pi * (t - p["t_si"]) / 1440.0)
         flux["insulin_action_gain"] = flux["insulin_action_gain"] * s
         return flux
+
+
+# --- Hovorka type-1 diabetes model --------------------------------------------------------
+
+_HOV04 = "Hovorka et al. (2004) Physiol Meas 25:905-920, Table 1"
+_WIL10 = ("Wilinska et al. (2010) J Diabetes Sci Technol 4:132-144: interstitial time constant "
+          "exp(2.372) = 10.7 min (population value as transcribed by open-source Hovorka "
+          "simulators, e.g. McGillDiabetesLab/artificial-pancreas-simulator)")
+_SPREAD = ("; CV {:.0%} illustrative, of the size used by Hovorka-model virtual clinics "
+           "(Boiroux et al. 2017 log-normal spreads as implemented in "
+           "McGillDiabetesLab/artificial-pancreas-simulator)")
+MG_PER_MMOL = 18.016       # mg/dL per mmol/L of glucose (molar mass 180.16 g/mol)
+MMOL_PER_G = 1000.0 / 180.16  # mmol of glucose per g of carbohydrate
+
+
+class HovorkaT1D(MechanisticModel):
+    """Hovorka model of glucose regulation in type 1 diabetes, with a CGM compartment.
+
+    Time unit: minutes. Absolute amounts; `BW` is body weight (kg), and the volumes and
+    glucose fluxes are per kg (Hovorka et al. 2004; interstitial glucose as in Wilinska et
+    al. 2010):
+
+        G     = Q1 / (V_G BW)                                        (mmol/L)
+        dQ1/dt = -F01c - x1 Q1 + k12 Q2 - F_R + U_G + EGP0 BW max(1 - x3, 0)
+        dQ2/dt = x1 Q1 - (k12 + x2) Q2
+        dS1/dt = u(t) - S1 / t_maxI
+        dS2/dt = (S1 - S2) / t_maxI
+        dI/dt  = S2 / (t_maxI V_I BW) - k_e I                         (mU/L)
+        dx1/dt = k_a1 (S_IT I - x1),  dx2/dt = k_a2 (S_ID I - x2),  dx3/dt = k_a3 (S_IE I - x3)
+        dD1/dt = -D1 / t_maxG + carb_rate · 1000/180.16
+        dD2/dt = (D1 - D2) / t_maxG
+        dC/dt  = k_int (G - C)
+
+    with F01c = F01 BW min(G/4.5, 1), F_R = 0.003 (G - 9) V_G BW for G > 9 (else 0) and
+    U_G = A_G D2 / t_maxG. Endogenous production is published as EGP0 BW (1 - x3), which
+    turns negative when x3 > 1, i.e. plasma insulin above 1/S_IE (19 mU/L at the typical
+    S_IE), as after large boluses; it is clipped at 0 here, so that glucose cannot be driven
+    below zero (seen in virtual cohorts with the unclipped form). Where x3 <= 1 the two
+    agree; the initial steady state uses the same clipped form.
+
+    Doses: `insulin` (U, subcutaneous, into S1 in mU; boluses as bolus doses, the basal
+    pump rate as an infusion in U/min on the same target) and `meal` (g carbohydrate, into
+    D1 as mmol glucose). Input channel `carb_rate` (g/min) feeds D1 the same way.
+    Observables: `glucose` is the interstitial (CGM) glucose C in mg/dL — named "glucose"
+    so that observable 0 lines up with `BergmanMinimal`'s for cross-model benchmarks —,
+    `plasma_glucose` (mg/dL) and plasma `insulin` (mU/L).
+
+    At t = 0 the model is at the steady state under a constant basal infusion `u_basal`
+    (U/h); simulate with that infusion running to stay there.
+    """
+
+    time_unit: ClassVar[str] = "min"
+    reference: ClassVar[str] = (
+        "Hovorka et al. (2004) Physiol Meas 25:905-920; "
+        "Wilinska et al. (2010) J Diabetes Sci Technol 4:132-144"
+    )
+    states: ClassVar[tuple[State, ...]] = (
+        State("Q1", "mmol", "glucose in the accessible (plasma) compartment"),
+        State("Q2", "mmol", "glucose in the non-accessible compartment"),
+        State("S1", "mU", "insulin in the first subcutaneous compartment"),
+        State("S2", "mU", "insulin in the second subcutaneous compartment"),
+        State("I", "mU/L", "plasma insulin concentration"),
+        State("x1", "1/min", "insulin action on glucose distribution/transport"),
+        State("x2", "1/min", "insulin action on glucose disposal"),
+        State("x3", "1", "insulin action on endogenous glucose production"),
+        State("D1", "mmol", "glucose in the first gut compartment"),
+        State("D2", "mmol", "glucose in the second gut compartment"),
+        State("C", "mmol/L", "interstitial (CGM) glucose concentration"),
+    )
+    parameters: ClassVar[tuple[Parameter, ...]] = (
+        Parameter("k12", "1/min", 0.066, _HOV04 + _SPREAD.format(0.4), 1e-3, 1.0,
+                  omega=lognormal_cv(0.4),
+                  description="transfer rate from the non-accessible to the accessible "
+                              "compartment"),
+        Parameter("k_a1", "1/min", 0.006, _HOV04 + _SPREAD.format(0.4), 1e-4, 1.0,
+                  omega=lognormal_cv(0.4), description="deactivation rate of x1"),
+        Parameter("k_a2", "1/min", 0.06, _HOV04 + _SPREAD.format(0.4), 1e-4, 1.0,
+                  omega=lognormal_cv(0.4), description="deactivation rate of x2"),
+        Parameter("k_a3", "1/min", 0.03, _HOV04 + _SPREAD.format(0.4), 1e-4, 1.0,
+                  omega=lognormal_cv(0.4), description="deactivation rate of x3"),
+        Parameter("S_IT", "1/min per mU/L", 51.2e-4, _HOV04 + _SPREAD.format(0.4), 1e-6, 0.1,
+                  omega=lognormal_cv(0.4),
+                  description="insulin sensitivity of glucose distribution/transport"),
+        Parameter("S_ID", "1/min per mU/L", 8.2e-4, _HOV04 + _SPREAD.format(0.4), 1e-7, 0.1,
+                  omega=lognormal_cv(0.4), description="insulin sensitivity of glucose disposal"),
+        Parameter("S_IE", "L/mU", 520e-4, _HOV04 + _SPREAD.format(0.4), 1e-5, 1.0,
+                  omega=lognormal_cv(0.4),
+                  description="insulin sensitivity of endogenous glucose production"),
+        Parameter("k_e", "1/min", 0.138, _HOV04 + _SPREAD.format(0.2), 1e-3, 2.0,
+                  omega=lognormal_cv(0.2), description="plasma insulin elimination rate"),
+        Parameter("V_I", "L/kg", 0.12, _HOV04 + _SPREAD.format(0.05), 0.01, 1.0,
+                  omega=lognormal_cv(0.05), description="insulin distribution volume"),
+        Parameter("V_G", "L/kg", 0.16, _HOV04 + _SPREAD.format(0.05), 0.01, 1.0,
+                  omega=lognormal_cv(0.05), description="glucose distribution volume"),
+        Parameter("F01", "mmol/(kg min)", 0.0097, _HOV04 + _SPREAD.format(0.1), 1e-4, 0.1,
+                  omega=lognormal_cv(0.1),
+                  description="non-insulin-dependent glucose flux (at G >= 4.5 mmol/L)"),
+        Parameter("EGP0", "mmol/(kg min)", 0.0161, _HOV04 + _SPREAD.format(0.2), 1e-4, 0.1,
+                  omega=lognormal_cv(0.2),
+                  description="endogenous glucose production extrapolated to zero insulin"),
+        Parameter("t_maxI", "min", 55.0, _HOV04 + _SPREAD.format(0.2), 5.0, 300.0,
+                  omega=lognormal_cv(0.2),
+                  description="time-to-maximum of subcutaneous insulin absorption"),
+        Parameter("t_maxG", "min", 40.0, _HOV04 + _SPREAD.format(0.2), 5.0, 300.0,
+                  omega=lognormal_cv(0.2),
+                  description="time-to-maximum of carbohydrate absorption"),
+        Parameter("A_G", "1", 0.8, _HOV04, 0.05, 1.0, transform="logit",
+                  description="carbohydrate bioavailability"),
+        Parameter("k_int", "1/min", 1.0 / math.exp(2.372),
+                  _WIL10 + "; CV 20% illustrative", 1e-3, 2.0, omega=lognormal_cv(0.2),
+                  description="plasma-to-interstitial glucose exchange rate"),
+        Parameter("BW", "kg", 70.0, "reference adult body weight (illustrative)", 10.0, 250.0,
+                  description="body weight"),
+        Parameter("u_basal", "U/h", 0.37,
+                  "chosen so that the typical patient's basal plasma glucose is about "
+                  "7.2 mmol/L (130 mg/dL) with the Hovorka (2004) values", 1e-3, 20.0,
+                  description="pre-study basal insulin rate; sets the initial steady state"),
+    )
+    observables: ClassVar[tuple[Observable, ...]] = (
+        Observable("glucose", "mg/dL", lambda y, p: y[10] * MG_PER_MMOL,
+                   "interstitial glucose, what a CGM measures (observable 0, as in "
+                   "BergmanMinimal)"),
+        Observable("plasma_glucose", "mg/dL",
+                   lambda y, p: y[0] / (p["V_G"] * p["BW"]) * MG_PER_MMOL, "plasma glucose"),
+        Observable("insulin", "mU/L", lambda y, p: y[4], "plasma insulin"),
+    )
+    dose_targets: ClassVar[tuple[DoseTarget, ...]] = (
+        DoseTarget("meal", "D1", "g", scale=MMOL_PER_G, description="carbohydrate eaten"),
+        DoseTarget("insulin", "S1", "U", scale=1000.0,
+                   description="subcutaneous rapid-acting insulin (bolus, or basal as an "
+                               "infusion in U/min)"),
+    )
+    inputs: ClassVar[tuple[InputChannel, ...]] = (
+        InputChannel("carb_rate", "g/min", "carbohydrate ingestion rate"),
+    )
+
+    def initial_state(self, p):
+        """The steady state under a constant infusion of `u_basal` U/h, in closed form.
+
+        Insulin: S1 = S2 = u t_maxI (u in mU/min), I = u / (k_e V_I BW), x_i = S_i I.
+        Glucose solves F01c(G) + F_R(G) + a V_G BW G = EGP0 BW (1 - x3), a = x1 x2 / (k12 +
+        x2); the left side increases piecewise linearly in G (kinks at 4.5 and 9 mmol/L),
+        so each piece's root is computed and the one whose interval holds it is selected.
+        """
+        bw, vg = p["BW"], p["V_G"]
+        u = p["u_basal"] * (1000.0 / 60.0)
+        s = u * p["t_maxI"]
+        ins = u / (p["k_e"] * p["V_I"] * bw)
+        x1, x2, x3 = p["S_IT"] * ins, p["S_ID"] * ins, p["S_IE"] * ins
+        vol = vg * bw
+        f01 = p["F01"] * bw
+        av = x1 * x2 / (p["k12"] + x2) * vol          # mmol/min per mmol/L
+        rhs = p["EGP0"] * bw * jnp.maximum(1.0 - x3, 0.0)
+        below = rhs < f01 + 4.5 * av                    # G < 4.5
+        above = rhs >= f01 + 9.0 * av                   # G >= 9
+        middle = ~below & ~above
+        g_low = rhs / (f01 / 4.5 + av)
+        g_mid = (rhs - f01) / jnp.where(middle, av, 1.0)
+        renal = 0.003 * vol
+        g_high = (rhs - f01 + 9.0 * renal) / (renal + av)
+        g = jnp.where(below, g_low, jnp.where(above, g_high, g_mid))
+        q1 = g * vol
+        q2 = x1 * q1 / (p["k12"] + x2)
+        zero = 0.0 * g
+        return (q1, q2, s, s, ins, x1, x2, x3, zero, zero, g)
+
+    def fluxes(self, t, y, p, u):
+        q1, q2, s1, s2, ins, x1, x2, x3, d1, d2, c = y
+        bw = p["BW"]
+        vol = p["V_G"] * bw
+        g = q1 / vol
+        gut_emptying = d2 / p["t_maxG"]
+        insulin_absorption = s2 / p["t_maxI"]
+        return {
+            "insulin_independent_uptake": p["F01"] * bw * jnp.minimum(g / 4.5, 1.0),
+            "renal_clearance": 0.003 * jnp.maximum(g - 9.0, 0.0) * vol,
+            "glucose_transport": x1 * q1,
+            "glucose_return": p["k12"] * q2,
+            "glucose_disposal": x2 * q2,
+            "endogenous_production": p["EGP0"] * bw * jnp.maximum(1.0 - x3, 0.0),
+            "gut_transit": d1 / p["t_maxG"],
+            "gut_emptying": gut_emptying,
+            "meal_appearance": p["A_G"] * gut_emptying,
+            "sc_transit": s1 / p["t_maxI"],
+            "insulin_absorption": insulin_absorption,
+            "insulin_appearance": insulin_absorption / (p["V_I"] * bw),
+            "insulin_clearance": p["k_e"] * ins,
+            "transport_action_gain": p["k_a1"] * p["S_IT"] * ins,
+            "transport_action_decay": p["k_a1"] * x1,
+            "disposal_action_gain": p["k_a2"] * p["S_ID"] * ins,
+            "disposal_action_decay": p["k_a2"] * x2,
+            "production_action_gain": p["k_a3"] * p["S_IE"] * ins,
+            "production_action_decay": p["k_a3"] * x3,
+            "interstitial_exchange": p["k_int"] * (g - c),
+        }
+
+    def derivatives(self, y, p, u, flux):
+        transport, back = flux["glucose_transport"], flux["glucose_return"]
+        return (
+            -flux["insulin_independent_uptake"] - transport + back - flux["renal_clearance"]
+            + flux["meal_appearance"] + flux["endogenous_production"],
+            transport - back - flux["glucose_disposal"],
+            -flux["sc_transit"],
+            flux["sc_transit"] - flux["insulin_absorption"],
+            flux["insulin_appearance"] - flux["insulin_clearance"],
+            flux["transport_action_gain"] - flux["transport_action_decay"],
+            flux["disposal_action_gain"] - flux["disposal_action_decay"],
+            flux["production_action_gain"] - flux["production_action_decay"],
+            -flux["gut_transit"] + u["carb_rate"] * MMOL_PER_G,
+            flux["gut_transit"] - flux["gut_emptying"],
+            flux["interstitial_exchange"],
+        )
