@@ -174,7 +174,7 @@ class HovorkaT1D(MechanisticModel):
         G     = Q1 / (V_G BW)                                        (mmol/L)
         dQ1/dt = -F01c - x1 Q1 + k12 Q2 - F_R + U_G + EGP0 BW max(1 - x3, 0)
         dQ2/dt = x1 Q1 - (k12 + x2) Q2
-        dS1/dt = u(t) - S1 / t_maxI
+        dS1/dt = u_b + u(t) - S1 / t_maxI
         dS2/dt = (S1 - S2) / t_maxI
         dI/dt  = S2 / (t_maxI V_I BW) - k_e I                         (mU/L)
         dx1/dt = k_a1 (S_IT I - x1),  dx2/dt = k_a2 (S_ID I - x2),  dx3/dt = k_a3 (S_IE I - x3)
@@ -189,15 +189,20 @@ class HovorkaT1D(MechanisticModel):
     below zero (seen in virtual cohorts with the unclipped form). Where x3 <= 1 the two
     agree; the initial steady state uses the same clipped form.
 
-    Doses: `insulin` (U, subcutaneous, into S1 in mU; boluses as bolus doses, the basal
-    pump rate as an infusion in U/min on the same target) and `meal` (g carbohydrate, into
+    Doses: `insulin` (U, subcutaneous, into S1 in mU; boluses as bolus doses, extra
+    insulin as an infusion in U/min on the same target) and `meal` (g carbohydrate, into
     D1 as mmol glucose). Input channel `carb_rate` (g/min) feeds D1 the same way.
     Observables: `glucose` is the interstitial (CGM) glucose C in mg/dL — named "glucose"
     so that observable 0 lines up with `BergmanMinimal`'s for cross-model benchmarks —,
     `plasma_glucose` (mg/dL) and plasma `insulin` (mU/L).
 
-    At t = 0 the model is at the steady state under a constant basal infusion `u_basal`
-    (U/h); simulate with that infusion running to stay there.
+    Basal insulin: the patient's pump runs a constant basal rate titrated to hold the
+    fasting glucose `Gb` (`basal_rate`, U/h: the rate at which the steady state has plasma
+    glucose Gb), as a continuous subcutaneous infusion inside the model (the flux
+    "basal_insulin"). Doses are what comes on top: boluses, and extra insulin as
+    infusions. At t = 0 the model is at that basal steady state, and stays there without
+    doses or meals. (Where the glucose balance cannot be met at Gb with any insulin, i.e.
+    F01c(Gb) + F_R(Gb) >= EGP0 BW, the basal rate is 0 and the steady state lies below Gb.)
     """
 
     time_unit: ClassVar[str] = "min"
@@ -262,10 +267,12 @@ class HovorkaT1D(MechanisticModel):
                   description="plasma-to-interstitial glucose exchange rate"),
         Parameter("BW", "kg", 70.0, "reference adult body weight (illustrative)", 10.0, 250.0,
                   description="body weight"),
-        Parameter("u_basal", "U/h", 0.37,
-                  "chosen so that the typical patient's basal plasma glucose is about "
-                  "7.2 mmol/L (130 mg/dL) with the Hovorka (2004) values", 1e-3, 20.0,
-                  description="pre-study basal insulin rate; sets the initial steady state"),
+        Parameter("Gb", "mg/dL", 130.0,
+                  "fasting glucose the basal rate is titrated to; 130 mg/dL is the upper "
+                  "end of the ADA preprandial target (80-130 mg/dL), CV 20% illustrative",
+                  60.0, 300.0, omega=lognormal_cv(0.2),
+                  description="basal (fasting) plasma glucose held by the patient's basal "
+                              "insulin"),
     )
     observables: ClassVar[tuple[Observable, ...]] = (
         Observable("glucose", "mg/dL", lambda y, p: y[10] * MG_PER_MMOL,
@@ -276,27 +283,56 @@ class HovorkaT1D(MechanisticModel):
         Observable("insulin", "mU/L", lambda y, p: y[4], "plasma insulin"),
     )
     dose_targets: ClassVar[tuple[DoseTarget, ...]] = (
-        DoseTarget("meal", "D1", "g", scale=MMOL_PER_G, description="carbohydrate eaten"),
+        DoseTarget("meal", "D1", "g", scale=MMOL_PER_G, description="carbohydrate eaten",
+                   on_board=("D1", "D2")),
         DoseTarget("insulin", "S1", "U", scale=1000.0,
-                   description="subcutaneous rapid-acting insulin (bolus, or basal as an "
-                               "infusion in U/min)"),
+                   description="subcutaneous rapid-acting insulin (bolus, or extra insulin "
+                               "as an infusion in U/min; the basal rate is the model's own)",
+                   on_board=("S1", "S2")),
     )
     inputs: ClassVar[tuple[InputChannel, ...]] = (
         InputChannel("carb_rate", "g/min", "carbohydrate ingestion rate"),
     )
 
-    def initial_state(self, p):
-        """The steady state under a constant infusion of `u_basal` U/h, in closed form.
+    def basal_insulin(self, p):
+        """Plasma insulin (mU/L) at which the steady state has plasma glucose Gb.
 
-        Insulin: S1 = S2 = u t_maxI (u in mU/min), I = u / (k_e V_I BW), x_i = S_i I.
+        With G = Gb fixed, x_i = S_i I and Q2 = x1 Q1 / (k12 + x2), the glucose balance
+        F + S_IT S_ID I^2 Q1 / (k12 + S_ID I) = E (1 - S_IE I), F = F01c(Gb) + F_R(Gb),
+        E = EGP0 BW, Q1 = Gb V_G BW, is the quadratic a I^2 + b I + c = 0 with
+        a = S_ID (S_IT Q1 + E S_IE), b = S_ID (F - E) + E S_IE k12, c = k12 (F - E). For
+        F < E (c < 0) it has one positive root, -2c / (b + sqrt(b^2 - 4ac)), at which
+        S_IE I < 1; otherwise no insulin is needed and the result is 0.
+        """
+        bw = p["BW"]
+        vol = p["V_G"] * bw
+        gb = p["Gb"] / MG_PER_MMOL
+        f = (p["F01"] * bw * jnp.minimum(gb / 4.5, 1.0)
+             + 0.003 * jnp.maximum(gb - 9.0, 0.0) * vol)
+        e = p["EGP0"] * bw
+        k12, s_it, s_id, s_ie = p["k12"], p["S_IT"], p["S_ID"], p["S_IE"]
+        a = s_id * (s_it * gb * vol + e * s_ie)
+        b = s_id * (f - e) + e * s_ie * k12
+        c = k12 * jnp.minimum(f - e, 0.0)
+        return -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c) + (c == 0.0))
+
+    def basal_rate(self, p):
+        """The basal insulin rate (U/h) that holds plasma glucose at Gb (`basal_insulin`)."""
+        return self.basal_insulin(p) * p["k_e"] * p["V_I"] * p["BW"] * (60.0 / 1000.0)
+
+    def initial_state(self, p):
+        """The steady state under the basal rate (`basal_rate`), in closed form.
+
+        Insulin: I = `basal_insulin`, S1 = S2 = u t_maxI with u = I k_e V_I BW (mU/min),
+        x_i = S_i I.
         Glucose solves F01c(G) + F_R(G) + a V_G BW G = EGP0 BW (1 - x3), a = x1 x2 / (k12 +
         x2); the left side increases piecewise linearly in G (kinks at 4.5 and 9 mmol/L),
         so each piece's root is computed and the one whose interval holds it is selected.
         """
         bw, vg = p["BW"], p["V_G"]
-        u = p["u_basal"] * (1000.0 / 60.0)
+        ins = self.basal_insulin(p)
+        u = ins * p["k_e"] * p["V_I"] * bw
         s = u * p["t_maxI"]
-        ins = u / (p["k_e"] * p["V_I"] * bw)
         x1, x2, x3 = p["S_IT"] * ins, p["S_ID"] * ins, p["S_IE"] * ins
         vol = vg * bw
         f01 = p["F01"] * bw
@@ -323,6 +359,7 @@ class HovorkaT1D(MechanisticModel):
         gut_emptying = d2 / p["t_maxG"]
         insulin_absorption = s2 / p["t_maxI"]
         return {
+            "basal_insulin": self.basal_insulin(p) * p["k_e"] * p["V_I"] * bw,
             "insulin_independent_uptake": p["F01"] * bw * jnp.minimum(g / 4.5, 1.0),
             "renal_clearance": 0.003 * jnp.maximum(g - 9.0, 0.0) * vol,
             "glucose_transport": x1 * q1,
@@ -351,7 +388,7 @@ class HovorkaT1D(MechanisticModel):
             -flux["insulin_independent_uptake"] - transport + back - flux["renal_clearance"]
             + flux["meal_appearance"] + flux["endogenous_production"],
             transport - back - flux["glucose_disposal"],
-            -flux["sc_transit"],
+            flux["basal_insulin"] - flux["sc_transit"],
             flux["sc_transit"] - flux["insulin_absorption"],
             flux["insulin_appearance"] - flux["insulin_clearance"],
             flux["transport_action_gain"] - flux["transport_action_decay"],

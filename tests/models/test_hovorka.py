@@ -1,6 +1,6 @@
 """HovorkaT1D: against scipy's solve_ivp on the same equations written out here, the basal
-steady state in each glucose regime, every parameter's gradient, the source's absorption
-profiles, and a virtual cohort."""
+steady state (under the basal rate titrated to Gb) in each glucose regime, every
+parameter's gradient, the source's absorption profiles, and a virtual cohort."""
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +21,13 @@ BOLUSES = [(55.0, 1.5), (355.0, 4.0)]            # (min, U); the second one too 
 SNACK = (540.0, 555.0, 1.0)                      # carb_rate 1 g/min from 540 to 555 min
 
 
-def basal_infusion(theta, hours):
-    """The pump's basal rate u_basal (U/h) as an infusion dose in U/min from t = 0."""
-    u = float(theta[NAMES.index("u_basal")])
-    return (0.0, u * hours, "insulin", u / 60.0)
-
-
 def written_out(theta):
     """The model's equations, written out independently of hybrid_twin: (rhs, steady state,
-    parameter dict). The steady state under the basal rate solves the glucose balance with
-    brentq; the insulin sub-system is linear."""
+    parameter dict with the basal rate "u_b" in mU/min). The basal plasma insulin that
+    holds glucose at Gb solves the glucose balance (brentq, between no insulin and the
+    insulin that stops endogenous production); the insulin sub-system is linear."""
     p = dict(zip(NAMES, np.asarray(theta, float)))
     bw, vg = p["BW"], p["V_G"]
-    u_b = p["u_basal"] * 1000.0 / 60.0                              # mU/min
 
     def rhs(t, y, basal_mu, carb):
         q1, q2, s1, s2, i, x1, x2, x3, d1, d2, c = y
@@ -54,15 +48,18 @@ def written_out(theta):
                 (d1 - d2) / p["t_maxG"],
                 p["k_int"] * (g - c)]
 
-    i0 = u_b / (p["k_e"] * p["V_I"] * bw)
+    g0 = p["Gb"] / 18.016
+
+    def balance(i):  # dQ1/dt at G = Gb and the steady state of Q2 and x, given insulin i
+        x = [p["S_IT"] * i, p["S_ID"] * i, p["S_IE"] * i]
+        q1 = g0 * vg * bw
+        q2 = x[0] * q1 / (p["k12"] + x[1])
+        return rhs(0.0, [q1, q2, 0, 0, i, *x, 0, 0, g0], 0.0, lambda t: 0.0)[0]
+
+    i0 = brentq(balance, 0.0, 1.0 / p["S_IE"], xtol=1e-14, rtol=1e-15)
     x0 = [p["S_IT"] * i0, p["S_ID"] * i0, p["S_IE"] * i0]
-
-    def balance(g):  # dQ1/dt at the steady state of Q2, as a function of G
-        q1 = g * vg * bw
-        q2 = x0[0] * q1 / (p["k12"] + x0[1])
-        return rhs(0.0, [q1, q2, 0, 0, i0, *x0, 0, 0, g], 0.0, lambda t: 0.0)[0]
-
-    g0 = brentq(balance, 1e-9, 200.0, xtol=1e-15, rtol=1e-15)
+    u_b = i0 * p["k_e"] * p["V_I"] * bw                             # mU/min
+    p["u_b"] = u_b
     q10 = g0 * vg * bw
     y0 = np.array([q10, x0[0] * q10 / (p["k12"] + x0[1]), u_b * p["t_maxI"],
                    u_b * p["t_maxI"], i0, *x0, 0.0, 0.0, g0])
@@ -82,10 +79,10 @@ def scipy_reference(theta, ts, meals, boluses, snack=None):
 
 
 def _scipy_reference(theta, ts, meals, boluses, snack=None):
-    """DOP853 piecewise between dose times, boluses as jumps, the basal infusion as a
-    constant rate in the rhs, the snack as a piecewise-constant carb rate."""
+    """DOP853 piecewise between dose times, boluses as jumps, the basal rate as a
+    constant infusion in the rhs, the snack as a piecewise-constant carb rate."""
     rhs, y, p = written_out(theta)
-    u_b = p["u_basal"] * 1000.0 / 60.0
+    u_b = p["u_b"]
     carb = (lambda t: snack[2] if snack[0] <= t < snack[1] else 0.0) if snack else (lambda t: 0.0)
     events = sorted({t for t, _ in meals} | {t for t, _ in boluses}
                     | ({snack[0], snack[1]} if snack else set()))
@@ -124,11 +121,10 @@ def test_declaration_registry_and_units():
 
 @pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
 def test_matches_scipy_with_meals_boluses_basal_and_a_snack(backend):
-    """12 h: two meals with boluses, a 15-min snack as carb_rate, the basal infusion; every
+    """12 h: two meals with boluses, a 15-min snack as carb_rate, the basal rate; every
     observable within 1e-4 (relative) of an independent DOP853 solve."""
-    theta = MODEL.typical_params(u_basal=0.36)
-    doses = ([basal_infusion(theta, 12.0)] + [(t, a, "meal") for t, a in MEALS]
-             + [(t, a, "insulin") for t, a in BOLUSES])
+    theta = MODEL.typical_params(Gb=135.0)
+    doses = [(t, a, "meal") for t, a in MEALS] + [(t, a, "insulin") for t, a in BOLUSES]
     sched = Schedule.build(MODEL, doses, inputs=[(SNACK[0], [SNACK[2]]), (SNACK[1], [0.0])])
     ts = np.arange(0.0, 721.0, 5.0)
     sol = simulate(MODEL, theta, sched, ts,
@@ -146,9 +142,9 @@ def test_matches_scipy_with_meals_boluses_basal_and_a_snack(backend):
 
 
 REGIMES = {  # steady-state plasma glucose below 4.5, between 4.5 and 9, above 9 mmol/L
-    "low": dict(u_basal=0.5),
-    "middle": dict(u_basal=0.37, EGP0=0.017, S_IE=0.06),
-    "high": dict(u_basal=0.25, S_IE=0.04, BW=85.0),
+    "low": dict(Gb=70.0),
+    "middle": dict(Gb=130.0, EGP0=0.017, S_IE=0.06),
+    "high": dict(Gb=200.0, S_IE=0.04, BW=85.0),
 }
 
 
@@ -157,51 +153,60 @@ def regime_thetas():
 
 
 def test_initial_state_is_the_basal_steady_state_in_each_regime():
-    """The closed form equals the written-out steady state (brentq); the vector field plus
-    the basal infusion is zero there; it holds in float32 with finite gradients."""
+    """The closed form equals the written-out steady state (brentq), with plasma and CGM
+    glucose at Gb; the vector field (the basal rate included) is zero there; it holds in
+    float32 with finite gradients."""
     thetas = regime_thetas()
     p = MODEL.param_dict(jnp.asarray(thetas))
     y0 = np.stack([np.asarray(c) for c in MODEL.initial_state(p)], -1)
     g = y0[:, 10]
     assert g[0] < 4.5 < g[1] < 9.0 < g[2], g
+    np.testing.assert_allclose(g * 18.016, thetas[:, NAMES.index("Gb")], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(MODEL.basal_rate(p)),
+                               [written_out(th)[2]["u_b"] * 60.0 / 1000.0 for th in thetas],
+                               rtol=1e-12)
     for k, th in enumerate(thetas):
         _, ref, _ = written_out(th)
         np.testing.assert_allclose(y0[k], ref, rtol=1e-12, atol=1e-300)
     dy = np.stack([np.asarray(d) for d in MODEL.vector_field(
         0.0, tuple(jnp.asarray(y0[:, i]) for i in range(11)), p,
         {"carb_rate": jnp.zeros(3)})], -1)
-    dy[:, 2] += thetas[:, NAMES.index("u_basal")] * 1000.0 / 60.0   # the basal infusion
     scale = np.maximum(np.abs(y0), 1e-300)
     assert np.max(np.abs(dy) / scale) < 1e-14
 
     @jax.jit
-    def glucose(th):
-        return MODEL.initial_state(MODEL.param_dict(th))[10]
+    def insulin(th):  # basal plasma insulin: every parameter of the glucose balance
+        return MODEL.initial_state(MODEL.param_dict(th))[4]
 
-    grad64 = np.asarray(jax.vmap(jax.grad(glucose))(jnp.asarray(thetas)))
+    grad64 = np.asarray(jax.vmap(jax.grad(insulin))(jnp.asarray(thetas)))
     assert np.all(np.isfinite(grad64))
     h = 1e-6 * thetas
+    fd = np.zeros_like(grad64)
     for j in range(len(NAMES)):   # closed form: central differences are exact to ~1e-9
         up, dn = thetas.copy(), thetas.copy()
         up[:, j] += h[:, j]
         dn[:, j] -= h[:, j]
-        fd = (np.asarray(glucose(jnp.asarray(up))) - np.asarray(glucose(jnp.asarray(dn)))) \
-            / (2 * h[:, j])
-        np.testing.assert_allclose(grad64[:, j], fd, rtol=1e-6, atol=1e-9 * np.abs(g).max())
+        fd[:, j] = (np.asarray(insulin(jnp.asarray(up))) - np.asarray(insulin(jnp.asarray(dn)))
+                    ) / (2 * h[:, j])
+    scaled, fd_scaled = grad64 * thetas, fd * thetas     # d I / d log(theta)
+    np.testing.assert_allclose(scaled, fd_scaled, rtol=1e-6,
+                               atol=1e-8 * np.abs(fd_scaled).max())
+    moved = {NAMES[j] for j in np.flatnonzero(np.abs(scaled).max(axis=0) > 0)}
+    assert moved == {"k12", "S_IT", "S_ID", "S_IE", "F01", "EGP0", "V_G", "BW", "Gb"}, moved
     th32 = jnp.asarray(thetas, jnp.float32)
     y32 = jax.jit(lambda th: MODEL.initial_state(MODEL.param_dict(th)))(th32)
     assert all(c.dtype == jnp.float32 for c in y32)
     np.testing.assert_allclose(np.stack([np.asarray(c) for c in y32], -1), y0, rtol=2e-5,
                                atol=1e-30)
-    grad32 = np.asarray(jax.vmap(jax.grad(glucose))(th32))
+    grad32 = np.asarray(jax.vmap(jax.grad(insulin))(th32))
     assert np.all(np.isfinite(grad32))
     np.testing.assert_allclose(grad32, grad64, rtol=1e-3, atol=1e-3 * np.abs(grad64).max())
 
 
-def test_basal_infusion_keeps_each_regime_at_steady_state_for_24h():
+def test_basal_rate_keeps_each_regime_at_steady_state_for_24h():
+    """Without meals or boluses the basal rate holds every state for 24 h."""
     thetas = regime_thetas()
-    scheds = Schedule.stack([Schedule.build(MODEL, [basal_infusion(th, 24.0)])
-                             for th in thetas])
+    scheds = Schedule.stack([Schedule.build(MODEL, []) for _ in thetas])
     ts = np.linspace(0.0, 1440.0, 25)
     sol = simulate(MODEL, thetas, scheds, ts, options=SolverOptions(controller=TIGHT))
     assert np.all(np.asarray(sol.status) == 0)
@@ -226,16 +231,16 @@ def central_fd(f, theta, rel=1e-6):
 
 def test_gradients_of_every_parameter_from_steady_state():
     """Reverse mode through simulate from the basal steady state (DESIGN.md pitfall), with
-    meals, boluses and the basal infusion, against central differences, all three
+    meals, boluses and the basal rate, against central differences, all three
     observables; scaled to d y / d log(theta) as in tests/test_simulate.py. Plasma glucose
     stays between 4.5 and 9 mmol/L (6.8-8.3): where it crosses a kink of min/max, the
     adaptive step pattern changes with theta and central differences become noisy (the
     steady state's gradients in all three regimes are checked above). The step cap is 10
     min, a third of the sample spacing: with dtmax="obs" (30 min) the first step from the
     steady state spans 30 min, five insulin elimination time constants (1/k_e = 7 min),
-    and d insulin(30 min) / d u_basal came out 7% wrong (2.5e-4 with a 20-min cap)."""
-    theta = MODEL.typical_params(u_basal=0.375)
-    doses = [basal_infusion(theta, 10.0), (60.0, 15.0, "meal"), (55.0, 0.6, "insulin"),
+    and d insulin(30 min) / d basal rate came out 7% wrong (2.5e-4 with a 20-min cap)."""
+    theta = MODEL.typical_params(Gb=128.0)
+    doses = [(60.0, 15.0, "meal"), (55.0, 0.6, "insulin"),
              (300.0, 15.0, "meal"), (295.0, 0.6, "insulin")]
     sched = Schedule.build(MODEL, doses)
     ts = jnp.arange(0.0, 541.0, 30.0)
@@ -268,8 +273,7 @@ def test_absorption_profiles_and_cgm_lag_of_the_source():
     theta = MODEL.typical_params()
     p = dict(zip(NAMES, theta))
     d_g, d_i = 60.0, 5.0
-    sched = Schedule.build(MODEL, [basal_infusion(theta, 6.0), (0.0, d_g, "meal"),
-                                   (0.0, d_i, "insulin")])
+    sched = Schedule.build(MODEL, [(0.0, d_g, "meal"), (0.0, d_i, "insulin")])
     ts = np.arange(0.0, 301.0, 1.0)
     sol = simulate(MODEL, theta, sched, ts, options=SolverOptions(controller=TIGHT))
     ys = jnp.asarray(sol.ys)
@@ -281,7 +285,7 @@ def test_absorption_profiles_and_cgm_lag_of_the_source():
     u_g = p["A_G"] * mmol * ts * np.exp(-ts / tg) / tg ** 2
     np.testing.assert_allclose(np.asarray(flux["meal_appearance"]), u_g, rtol=1e-7,
                                atol=1e-9 * u_g.max())
-    basal = p["u_basal"] * 1000.0 / 60.0
+    basal = written_out(theta)[2]["u_b"]
     u_i = 1000.0 * d_i * ts * np.exp(-ts / ti) / ti ** 2
     np.testing.assert_allclose(np.asarray(flux["insulin_absorption"]) - basal, u_i,
                                rtol=1e-7, atol=1e-9 * u_i.max())
@@ -300,11 +304,10 @@ def test_absorption_profiles_and_cgm_lag_of_the_source():
 
 
 def test_virtual_cohort_with_basal_meals_and_boluses_over_24h():
-    """50 patients from the declared population (basal rate fixed at the typical u_basal,
-    given by the pump), three meals with boluses at jittered times; CGM every 15 min."""
-    u = MODEL.parameter("u_basal").typical
+    """50 patients from the declared population (each one's basal rate titrated to its
+    fasting glucose Gb), three meals with boluses at jittered times; CGM every 15 min."""
     meals = [(420.0, 50.0, 1.7), (720.0, 70.0, 2.3), (1110.0, 60.0, 2.0)]  # ~30 g/U
-    doses = [DoseSpec(0.0, u * 24.0, "insulin", rate=u / 60.0)]
+    doses = []
     for t, carbs, units in meals:
         doses += [DoseSpec(t, carbs, "meal", time_jitter=20.0, amount_cv=0.2),
                   DoseSpec(t - 5.0, units, "insulin", time_jitter=5.0, amount_cv=0.2)]
@@ -316,6 +319,8 @@ def test_virtual_cohort_with_basal_meals_and_boluses_over_24h():
     g = vc.true_predictions / 18.016                      # CGM glucose, mmol/L
     assert g.shape == (50, 97) and np.all(np.isfinite(g)) and g.min() > 0.0
     fasting = g[:, 0]                                      # the basal steady state
+    np.testing.assert_allclose(fasting * 18.016, vc.true_params[:, NAMES.index("Gb")],
+                               rtol=1e-9)
     np.testing.assert_allclose(g[:, :20], np.broadcast_to(fasting[:, None], (50, 20)),
                                rtol=1e-5)                  # nothing happens before breakfast
     assert 4.0 < np.median(fasting) < 10.0
@@ -326,13 +331,11 @@ def test_virtual_cohort_with_basal_meals_and_boluses_over_24h():
 
 def test_kernel_backend_matches_diffrax():
     """The fused kernel (Pallas, interpret mode on CPU) on four sampled patients with the
-    basal infusion, two meals, boluses and a snack, against a tight diffrax solve."""
+    basal rate, two meals, boluses and a snack, against a tight diffrax solve."""
     from hybrid_twin.population import sample_params
 
     thetas = np.array(sample_params(MODEL, jax.random.PRNGKey(0), 4))
-    thetas[:, NAMES.index("u_basal")] = 0.37
-    doses = ([basal_infusion(thetas[0], 12.0)] + [(t, a, "meal") for t, a in MEALS]
-             + [(t, a, "insulin") for t, a in BOLUSES])
+    doses = [(t, a, "meal") for t, a in MEALS] + [(t, a, "insulin") for t, a in BOLUSES]
     sched = Schedule.build(MODEL, doses, inputs=[(SNACK[0], [SNACK[2]]), (SNACK[1], [0.0])])
     ts = np.arange(0.0, 721.0, 5.0)
     ref = simulate(MODEL, thetas, sched, ts, options=SolverOptions(
