@@ -10,13 +10,14 @@ from .base import (
     State,
     lognormal_cv,
 )
-from .glucose import BergmanCircadian, BergmanMinimal, HovorkaT1D
+from .glucose import BergmanCircadian, BergmanMinimal, HovorkaT1D, HovorkaT1DDawn
 from .pkpd import EnterohepaticMM, OneCompartment, OneCompartmentMM, TwoCompartment
 
 REGISTRY: dict[str, type[MechanisticModel]] = {
     "glucose.BergmanMinimal": BergmanMinimal,
     "glucose.BergmanCircadian": BergmanCircadian,
     "glucose.HovorkaT1D": HovorkaT1D,
+    "glucose.HovorkaT1DDawn": HovorkaT1DDawn,
     "pkpd.OneCompartment": OneCompartment,
     "pkpd.TwoCompartment": TwoCompartment,
     "pkpd.OneCompartmentMM": OneCompartmentMM,
@@ -37,7 +38,7 @@ def get_model(name: str) -> MechanisticModel:
 
 __all__ = [
     "BergmanCircadian", "BergmanMinimal", "DoseTarget", "EnterohepaticMM", "HovorkaT1D",
-    "InputChannel", "MechanisticModel", "Observable", "OneCompartment", "OneCompartmentMM",
+    "HovorkaT1DDawn", "InputChannel", "MechanisticModel", "Observable", "OneCompartment", "OneCompartmentMM",
     "Parameter", "REGISTRY", "State", "TwoCompartment", "get_model",
     "glucose", "lognormal_cv", "pkpd",
 ]

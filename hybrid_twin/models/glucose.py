@@ -398,3 +398,40 @@ class HovorkaT1D(MechanisticModel):
             flux["gut_transit"] - flux["gut_emptying"],
             flux["interstitial_exchange"],
         )
+
+
+_BOLLI = ("Bolli & Gerich (1984) N Engl J Med 310:746-750 (the dawn phenomenon: glucose "
+          "production rises in the early morning); amplitude and timing illustrative")
+
+
+class HovorkaT1DDawn(HovorkaT1D):
+    """`HovorkaT1D` with a dawn phenomenon: endogenous glucose production rises in the
+    early morning,
+
+        EGP = EGP0 BW max(1 - x3, 0) (1 + a_dawn d(t)),
+        d(t) = exp(kappa (cos(2 pi (t - t_dawn) / 1440) - 1)),
+
+    a daily bump peaking at clock time `t_dawn` (min after midnight) with a width of about
+    `w_dawn` (min, one standard deviation; kappa = (1440 / (2 pi w_dawn))^2). At midnight
+    (t = 0) the bump is 9e-5 of its peak at the typical values (06:00, 75 min), so the model
+    starts (almost) at the basal steady state of `HovorkaT1D`. Used as the truth of virtual T1D
+    cohorts with an effect the model without it lacks (hybrid-model benchmarks).
+    """
+
+    reference: ClassVar[str] = HovorkaT1D.reference + "; " + _BOLLI
+    parameters: ClassVar[tuple[Parameter, ...]] = HovorkaT1D.parameters + (
+        Parameter("a_dawn", "1", 0.5, _BOLLI, 0.0, 2.0, transform="identity",
+                  description="relative rise of endogenous glucose production at its peak"),
+        Parameter("t_dawn", "min", 360.0, _BOLLI, 180.0, 600.0, transform="identity",
+                  description="clock time of the peak (minutes after midnight)"),
+        Parameter("w_dawn", "min", 75.0, _BOLLI, 20.0, 120.0, transform="identity",
+                  description="width of the early-morning rise (one standard deviation)"),
+    )
+
+    def fluxes(self, t, y, p, u):
+        flux = super().fluxes(t, y, p, u)
+        kappa = (1440.0 / (2.0 * math.pi * p["w_dawn"])) ** 2
+        bump = jnp.exp(kappa * (jnp.cos(2.0 * math.pi * (t - p["t_dawn"]) / 1440.0) - 1.0))
+        flux["endogenous_production"] = flux["endogenous_production"] * (
+            1.0 + p["a_dawn"] * bump)
+        return flux

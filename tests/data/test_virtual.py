@@ -88,3 +88,44 @@ def test_a_failed_simulation_is_an_input_error_naming_the_reason():
                                          r"; check the solver options \(solver.max_steps"):
         virtual_cohort(OneCompartment(), 3, schedule=spec, seed=0,
                        options=SolverOptions(max_steps=1))
+
+
+def test_a_cohort_from_another_model_family_is_expressed_in_the_fitted_models_names():
+    """A virtual cohort simulated by HovorkaT1D (observables glucose, plasma_glucose,
+    insulin) for BergmanMinimal (glucose, insulin): observations and dose targets are
+    re-indexed by name, the values are the truth's; an observable the fitted model lacks
+    is an error naming it, from the config and from Cohort.for_model."""
+    from hybrid_twin.config import ConfigError, load_config
+    from hybrid_twin.data.load import load_cohort
+    from hybrid_twin.errors import InputError
+    from hybrid_twin.models import HovorkaT1D
+
+    over = ["data.virtual.n=3", "data.virtual.horizon=600", "data.virtual.obs_every=60",
+            "data.virtual.repeat_count=1", "data.virtual.observables=[insulin, glucose]"]
+    cfg = load_config("configs/t1d_bergman_hybrid.yaml", over)
+    truth, fitted = HovorkaT1D(), BergmanMinimal()
+    cohort, vc, _ = load_cohort(cfg.data, fitted, truth=truth)
+    raw, _, _ = load_cohort(cfg.data, truth)
+    assert cohort.observable_names == ("glucose", "insulin")
+    assert raw.observable_names == ("glucose", "plasma_glucose", "insulin")
+    names = np.array(cohort.observable_names)[np.asarray(cohort.obs_index)]
+    raw_names = np.array(raw.observable_names)[np.asarray(raw.obs_index)]
+    np.testing.assert_array_equal(names, raw_names)
+    assert set(np.asarray(raw.obs_index).ravel()) == {0, 2}
+    np.testing.assert_array_equal(np.asarray(cohort.obs_values), np.asarray(raw.obs_values))
+    dose_names = np.array(fitted.dose_target_names)[np.asarray(cohort.schedule.dose_targets)]
+    raw_doses = np.array(truth.dose_target_names)[np.asarray(raw.schedule.dose_targets)]
+    np.testing.assert_array_equal(dose_names, raw_doses)
+    with pytest.raises(ConfigError, match=r"observables plasma_glucose are not observables "
+                                          r"of both"):
+        load_config("configs/t1d_bergman_hybrid.yaml",
+                    ["data.virtual.observables=[glucose, plasma_glucose]"])
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    k = np.asarray(raw.obs_index)   # the insulin rows relabelled as plasma glucose
+    plasma = dataclasses.replace(raw, obs_index=jnp.asarray(np.where(k == 2, 1, k)))
+    with pytest.raises(InputError, match=r"observable\(s\) plasma_glucose of HovorkaT1D are "
+                                         r"not observables of BergmanMinimal"):
+        plasma.for_model(truth, fitted, where="data.virtual.model")

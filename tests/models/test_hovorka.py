@@ -345,3 +345,34 @@ def test_kernel_backend_matches_diffrax():
     assert np.all(np.asarray(got.status) == 0)
     a, b = np.asarray(got.observables(MODEL, thetas)), np.asarray(ref.observables(MODEL, thetas))
     assert np.max(np.abs(a - b) / np.abs(b)) < 1e-6
+
+
+def test_dawn_variant_raises_endogenous_production_in_the_early_morning():
+    """HovorkaT1DDawn: with a_dawn = 0 it is HovorkaT1D exactly; otherwise endogenous
+    production is multiplied by 1 + a_dawn at t_dawn, by 1 + a_dawn exp(-1/2) one width
+    away (the bump's shape near its peak), by almost nothing at midnight, and the same
+    every day."""
+    from hybrid_twin.models import HovorkaT1DDawn
+
+    dawn = HovorkaT1DDawn()
+    theta = dawn.typical_params()
+    p = dawn.param_dict(jnp.asarray(theta))
+    y0 = dawn.initial_state(p)
+    u = {"carb_rate": 0.0}
+    base = MODEL.fluxes(0.0, y0, MODEL.param_dict(jnp.asarray(theta[:len(NAMES)])), u)
+    egp = float(base["endogenous_production"])
+
+    def ratio(t, p_=p):
+        return float(dawn.fluxes(t, y0, p_, u)["endogenous_production"]) / egp
+
+    a, t_d, w = theta[-3:]
+    assert ratio(t_d) == pytest.approx(1.0 + a, rel=1e-12)
+    assert ratio(t_d + 1440.0) == pytest.approx(1.0 + a, rel=1e-12)
+    # exp(kappa (cos(2 pi w / 1440) - 1)) ~ exp(-1/2) for w << 1440
+    assert ratio(t_d + w) == pytest.approx(1.0 + a * np.exp(-0.5), rel=2e-3)
+    assert ratio(0.0) - 1.0 < 1e-4 * a
+    off = dawn.param_dict(jnp.asarray(dawn.typical_params(a_dawn=0.0)))
+    for t in (0.0, t_d, 900.0):
+        fa = dawn.fluxes(t, y0, off, u)
+        fb = MODEL.fluxes(t, y0, MODEL.param_dict(jnp.asarray(theta[:len(NAMES)])), u)
+        assert all(float(fa[k]) == float(fb[k]) for k in fb)
