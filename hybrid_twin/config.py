@@ -32,7 +32,7 @@ from .data.load import check_data_options
 from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
-from .hybrid import feature_names
+from .hybrid import feature_names, latent_names
 from .models import REGISTRY
 from .solve import (
     BACKEND_NAMES,
@@ -80,9 +80,15 @@ class LearnedConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The fitted model: its registry `name`, the parameters fitted per patient (`free`;
+    default those with a between-patient spread), its `learned` terms, and
+    `latent_states`: extra states z1, z2, ... of the learned terms (they start at 0 and
+    move only by the corrections that target them; see `hybrid_twin.hybrid.HybridModel`)."""
+
     name: str = "glucose.BergmanMinimal"
     free: list[str] | None = None
     learned: list[LearnedConfig] = dataclasses.field(default_factory=list)
+    latent_states: int = 0
 
 
 @dataclasses.dataclass
@@ -467,10 +473,11 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
                               "cannot be combined with other learned terms")
         if lt.mode not in ("replace", "scale", "add"):
             raise ConfigError(f"{where}.mode: {lt.mode!r} is not one of replace, scale, add")
+        states = (*model.state_names, *latent_names(cfg.model.latent_states))
         for j, st in enumerate(lt.states):
-            if st not in model.state_names:
+            if st not in states:
                 raise ConfigError(f"{where}.states[{j}]: {st!r} is not a state of "
-                                  f"{cfg.model.name} ({', '.join(model.state_names)})")
+                                  f"{cfg.model.name} ({', '.join(states)})")
         if lt.kind == "covariate_network":
             if not lt.params or not lt.covariates:
                 raise ConfigError(f"{where}: a covariate_network needs params and covariates")
@@ -494,7 +501,7 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise ConfigError(f"{where}.term: {lt.term!r} is not a term of "
                                   f"{cfg.model.name}{extra} ({', '.join(terms)})")
-        valid = feature_names(model)
+        valid = (*feature_names(model), *latent_names(cfg.model.latent_states))
         for j, f in enumerate(lt.features):
             if f not in valid:
                 hint = difflib.get_close_matches(f, valid, n=1)
@@ -507,6 +514,13 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
         for k, v in lt.feature_scales.items():
             if len(v) != 2 or v[1] == 0:
                 raise ConfigError(f"{where}.feature_scales.{k}: expected [shift, scale != 0]")
+    if cfg.model.latent_states < 0:
+        raise ConfigError(f"model.latent_states: expected an integer >= 0, got "
+                          f"{cfg.model.latent_states!r}")
+    if cfg.model.latent_states and not any(
+            lt.kind in ("state_correction", "neural_ode") for lt in cfg.model.learned):
+        raise ConfigError("model.latent_states: latent states move only by a "
+                          "state_correction or a neural_ode in model.learned; there is none")
     if cfg.model.learned:
         tr = cfg.training
         if tr.objective == "forecast" and training_condition_until(cfg) is None:

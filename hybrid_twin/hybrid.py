@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models.base import MechanisticModel
+from .models.base import MechanisticModel, State
 
 TIME_FEATURES = ("time", "sin_day", "cos_day")
 ON_BOARD = "_on_board"
@@ -250,7 +250,13 @@ class CovariateNetwork(LearnedTerm):
 
 
 class HybridModel(MechanisticModel):
-    """A mechanistic model with learned corrections and closures; same interface."""
+    """A mechanistic model with learned corrections and closures; same interface.
+
+    `latent` names extra dimensionless states of the learned terms (augmented dynamics,
+    e.g. a hidden reservoir the mechanism lacks): they start at 0, move only by the
+    corrections that target them, and are features like any state. They come after the
+    mechanism's states; observables and doses do not see them.
+    """
 
     mechanistic: MechanisticModel
     corrections: tuple[StateCorrection, ...] = ()
@@ -259,19 +265,25 @@ class HybridModel(MechanisticModel):
     learned: bool = eqx.field(static=True, default=True)
     use_mechanism: bool = eqx.field(static=True, default=True)
     day_length: float = eqx.field(static=True, default=24.0)
+    latent: tuple[str, ...] = eqx.field(static=True, default=())
 
     def __check_init__(self):
-        names = set(self.mechanistic.state_names)
+        clash = set(self.latent) & set(self.mechanistic.state_names)
+        if clash:
+            raise KeyError(f"latent state names {sorted(clash)} are states of "
+                           f"{type(self.mechanistic).__name__}")
+        names = set(self.state_names)
         for c in self.corrections:
             bad = set(c.states) - names
             if bad:
                 raise KeyError(f"StateCorrection targets unknown states {sorted(bad)}; "
-                               f"states: {', '.join(self.mechanistic.state_names)}")
+                               f"states: {', '.join(self.state_names)}")
 
-    # the declaration is the mechanistic model's
+    # the declaration is the mechanistic model's, plus the latent states
     @property
     def states(self):
-        return self.mechanistic.states
+        return self.mechanistic.states + tuple(
+            State(n, "1", "latent state of the learned terms") for n in self.latent)
 
     @property
     def parameters(self):
@@ -298,21 +310,24 @@ class HybridModel(MechanisticModel):
         return self.mechanistic.reference
 
     def initial_state(self, p):
-        return self.mechanistic.initial_state(p)
+        y0 = tuple(self.mechanistic.initial_state(p))
+        return y0 + tuple(0.0 * y0[0] for _ in self.latent)
 
     def fluxes(self, t, y, p, u):
-        flux = dict(self.mechanistic.fluxes(t, y, p, u))
+        flux = dict(self.mechanistic.fluxes(t, y[:self.mechanistic.n_states], p, u))
         if self.learned:
             for c in self.closures:
                 if c.term not in flux:
                     raise KeyError(f"TermClosure replaces unknown term {c.term!r}; terms of "
                                    f"{type(self.mechanistic).__name__}: {', '.join(flux)}")
-                x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
+                x = _features(self, c.features, t, y, p, u, self.day_length)
                 flux[c.term] = c.apply(flux[c.term], _column(_evaluate(c.net, x), 0))
         return flux
 
     def derivatives(self, y, p, u, flux):
-        return self.mechanistic.derivatives(y, p, u, flux)
+        n = self.mechanistic.n_states
+        dy = tuple(self.mechanistic.derivatives(y[:n], p, u, flux))
+        return dy + tuple(0.0 * yi for yi in y[n:])
 
     def vector_field(self, t, y, p, u):
         if self.use_mechanism:
@@ -320,9 +335,9 @@ class HybridModel(MechanisticModel):
         else:
             dy = [0.0 * yi for yi in y]
         if self.learned:
-            names = self.mechanistic.state_names
+            names = self.state_names
             for c in self.corrections:
-                x = _features(self.mechanistic, c.features, t, y, p, u, self.day_length)
+                x = _features(self, c.features, t, y, p, u, self.day_length)
                 g = _evaluate(c.net, x)
                 for k, s in enumerate(c.states):
                     i = names.index(s)
@@ -448,16 +463,24 @@ def covariate_network(model: MechanisticModel, params: Sequence[str],
 def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, depth: int = 2,
                features: Sequence[str] | None = None,
                feature_scales: Mapping[str, tuple[float, float]] | None = None,
-               out_scale: float | Sequence[float] | str = "auto", day_length: float = 24.0
-               ) -> HybridModel:
-    """The pure neural ODE baseline: dy/dt = g_phi(states, inputs) on `model`'s states,
-    with the same doses, inputs, initial state and observables, and no mechanism.
-    Unscaled features and an "auto" `out_scale` are set from the training data by
-    `autoscale`."""
-    features = tuple(features or (*model.state_names, *model.input_names))
-    corr = state_correction(model, model.state_names, features, key=key, width=width,
-                            depth=depth, feature_scales=feature_scales, out_scale=out_scale)
-    return HybridModel(model, (corr,), (), use_mechanism=False, day_length=day_length)
+               out_scale: float | Sequence[float] | str = "auto", day_length: float = 24.0,
+               latent: int = 0) -> HybridModel:
+    """The pure neural ODE baseline: dy/dt = g_phi(states, inputs) on `model`'s states
+    and `latent` extra ones ("z1", ...; a latent neural ODE), with the same doses, inputs,
+    initial state and observables, and no mechanism. Unscaled features and an "auto"
+    `out_scale` are set from the training data by `autoscale`."""
+    names = latent_names(latent)
+    features = tuple(features or (*model.state_names, *names, *model.input_names))
+    corr = state_correction(model, (*model.state_names, *names), features, key=key,
+                            width=width, depth=depth, feature_scales=feature_scales,
+                            out_scale=out_scale)
+    return HybridModel(model, (corr,), (), use_mechanism=False, day_length=day_length,
+                       latent=names)
+
+
+def latent_names(k: int) -> tuple[str, ...]:
+    """The names of `k` latent states: z1, ..., zk."""
+    return tuple(f"z{i + 1}" for i in range(k))
 
 
 def _inputs_at(model: MechanisticModel, schedule, ts: np.ndarray) -> dict[str, np.ndarray]:
@@ -511,8 +534,9 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
     `auto_out`) set from a cohort: the mechanistic model is simulated for the cohort's
     patients with parameters `theta` `(N, P)` (natural units) at their observation times,
     and each feature is standardised by its mean and standard deviation over those
-    samples. Output scales: the root mean square of the mechanism's dy/dt of each
-    corrected state (state units per time unit; for a neural ODE too), of the closed term
+    samples (latent states: 0 and 1). Output scales: the root mean square of the
+    mechanism's dy/dt of each corrected state (state units per time unit; for a neural ODE
+    too; for a latent state, 10 / the time span of the data), of the closed term
     ("replace", "add"), `SCALE_MODE_OUT` for a "scale" closure, and the largest
     between-patient spread of a covariate network's parameters (0.1 at least).
     Patients whose simulation fails are left out."""
@@ -527,6 +551,9 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
     ts = np.asarray(cohort.obs_times, float)
     ys = np.asarray(sol.ys, float)
     y = tuple(np.where(mask, ys[..., i], 0.0) for i in range(mech.n_states))
+    y_all = y + tuple(np.zeros(mask.shape) for _ in model.latent)
+    span = float(ts[mask].max() - ts[mask].min()) if mask.any() else 0.0
+    latent_rate = 10.0 / span if span > 0 else 1.0
     th = np.asarray(theta, float)
     p = {k: th[:, i][:, None] for i, k in enumerate(mech.param_names)}
     u = _inputs_at(mech, cohort.schedule, ts)
@@ -550,14 +577,17 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
         return new
 
     def feature_cols(features):
-        cols = _features(mech, features, ts, y, p, u, model.day_length)
+        cols = _features(model, features, ts, y_all, p, u, model.day_length)
         return lambda f: _moments(np.asarray(cols[f]), mask)
 
     names = mech.state_names
+
+    def state_out(s_):
+        return _rms(dy[names.index(s_)], mask) if s_ in names else latent_rate
+
     corrections = tuple(
         eqx.tree_at(lambda c_: c_.net, c, rescale(
-            c.net, feature_cols(c.features),
-            lambda c=c: [_rms(dy[names.index(s_)], mask) for s_ in c.states]))
+            c.net, feature_cols(c.features), lambda c=c: [state_out(s_) for s_ in c.states]))
         for c in model.corrections)
 
     def closure_out(c):

@@ -246,3 +246,49 @@ def test_on_board_features_are_the_dose_targets_holding_states():
     assert float(cols[0][0]) == 9.0
     with pytest.raises(KeyError, match="unknown feature 'snack_on_board'"):
         _features(mech, ("snack_on_board",), 0.0, y, {}, {}, 1440.0)
+
+
+@pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
+def test_latent_states_start_at_zero_and_move_only_by_their_corrections(backend):
+    """A hybrid with a latent state z1 (a learned reservoir): z1 starts at 0; switched off,
+    or with zero-initialised networks, the observables are the mechanism's (to the solver's
+    tolerance: the step controller's error norm counts the extra state); with
+    random weights z1 moves and feeds back into the central compartment; the latent
+    integral matches a hand-written integration of dz/dt = g(central)."""
+    from hybrid_twin.hybrid import latent_names
+
+    mech = OneCompartment()
+    fill = state_correction(mech, ("z1",), ("central",), key=jax.random.PRNGKey(0),
+                            feature_scales={"central": (0.0, 100.0)}, out_scale=0.1, width=4,
+                            depth=1)
+    back = state_correction(mech, ("central",), ("z1",), key=jax.random.PRNGKey(1),
+                            feature_scales={"z1": (0.0, 1.0)}, out_scale=5.0, width=4,
+                            depth=1)
+    hyb = HybridModel(mech, (fill, back), latent=latent_names(1))
+    assert hyb.state_names == ("depot", "central", "z1") and hyb.n_states == 3
+    theta = mech.typical_params()
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(0.0, 24.0, 49)
+    opts = dataclasses.replace(OPTS, backend=backend)
+    ref = simulate(mech, theta, sched, ts, options=opts)
+    zero = simulate(hyb, theta, sched, ts, options=opts)
+    np.testing.assert_allclose(np.asarray(zero.observables(hyb, theta)),
+                               np.asarray(ref.observables(mech, theta)), rtol=1e-8, atol=1e-12)
+    assert np.all(np.asarray(zero.ys)[:, 2] == 0.0)
+    rnd = randomize(hyb, jax.random.PRNGKey(3))
+    rnd = eqx.tree_at(lambda m: [c.net.out_scale for c in m.corrections], rnd,
+                      [c.net.out_scale for c in hyb.corrections])
+    np.testing.assert_allclose(
+        np.asarray(simulate(rnd.switched_off(), theta, sched, ts, options=opts)
+                   .observables(rnd, theta)), np.asarray(ref.observables(mech, theta)),
+        rtol=1e-8, atol=1e-12)
+    on = simulate(rnd, theta, sched, ts, options=opts)
+    ys = np.asarray(on.ys)
+    assert np.max(np.abs(ys[:, 2])) > 1e-3
+    assert np.max(np.abs(ys[:, 1] - np.asarray(ref.ys)[:, 1])) > 1e-3
+    # z1(t) = integral of g_fill(central(s)) ds, by the trapezoid rule on a fine grid
+    fine = jnp.linspace(0.0, 24.0, 4801)
+    yf = np.asarray(simulate(rnd, theta, sched, fine, options=opts).ys)
+    g = np.asarray(rnd.corrections[0].net(jnp.asarray(yf[:, 1:2])))[:, 0]
+    z = np.concatenate([[0.0], np.cumsum(0.5 * (g[1:] + g[:-1]) * np.diff(np.asarray(fine)))])
+    np.testing.assert_allclose(yf[::100, 2], z[::100], atol=1e-6 * np.max(np.abs(z)) + 1e-12)

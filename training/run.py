@@ -66,6 +66,7 @@ def build_model(cfg: ExperimentConfig, mechanistic):
     from hybrid_twin.hybrid import (
         HybridModel,
         covariate_network,
+        latent_names,
         neural_ode,
         state_correction,
         term_closure,
@@ -79,7 +80,8 @@ def build_model(cfg: ExperimentConfig, mechanistic):
         if lt.kind == "neural_ode":
             return neural_ode(mechanistic, key=key, width=lt.width, depth=lt.depth,
                               features=lt.features or None, feature_scales=scales,
-                              out_scale=lt.out_scale, day_length=day)
+                              out_scale=lt.out_scale, day_length=day,
+                              latent=cfg.model.latent_states)
         if lt.kind == "covariate_network":
             covariate_net = covariate_network(
                 mechanistic, lt.params, lt.covariates, key=key, width=lt.width,
@@ -93,7 +95,7 @@ def build_model(cfg: ExperimentConfig, mechanistic):
                 mechanistic, lt.term, lt.features, key=key, width=lt.width, depth=lt.depth,
                 feature_scales=scales, out_scale=lt.out_scale, mode=lt.mode))
     return HybridModel(mechanistic, tuple(corrections), tuple(closures), covariate_net,
-                       day_length=day)
+                       day_length=day, latent=latent_names(cfg.model.latent_states))
 
 
 def load_trained_model(run_dir: str | os.PathLike):
