@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .models.base import MechanisticModel, State
+from .simulate import simulate
 
 TIME_FEATURES = ("time", "sin_day", "cos_day")
 ON_BOARD = "_on_board"
@@ -540,8 +541,6 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
     ("replace", "add"), `SCALE_MODE_OUT` for a "scale" closure, and the largest
     between-patient spread of a covariate network's parameters (0.1 at least).
     Patients whose simulation fails are left out."""
-    from .simulate import simulate
-
     mech = model.mechanistic
     theta = jnp.asarray(theta)
     sol = simulate(mech, theta, cohort.schedule, cohort.obs_times, cohort.obs_mask,

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ._atomic import atomic_open, atomic_write_text
 from .calibrate import ErrorModel, FitFailed, calibrate, fit_dtype, fit_status, status_counts
 from .errors import InputError
+from .hybrid import HybridModel, autoscale
 from .models.base import MechanisticModel
 from .simulate import SolverOptions, Status, simulate
 from .solve import EXPERIMENT_DEFAULT, Diffrax
@@ -341,9 +342,7 @@ def train_population(
             z_typ0 = jnp.mean(z0[usable], axis=0)
             omega0 = jnp.sqrt(jnp.var(z0[usable], axis=0) + jnp.mean(
                 jnp.diagonal(res0.cov_z, axis1=1, axis2=2)[usable], axis=0))
-        if autoscale_terms and hasattr(model, "mechanistic"):
-            from .hybrid import autoscale
-
+        if autoscale_terms and isinstance(model, HybridModel):
             model = autoscale(model, train.select(np.flatnonzero(usable)),
                               np.asarray(res0.params)[usable], options=options)
     params0 = (eqx.filter(model, eqx.is_inexact_array), z0, z_typ0)
