@@ -222,7 +222,8 @@ def interval(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "ci95": half, "values": v.tolist()}
 
 
-def run_case(name: str, seeds: list[int], work: Path, extra: list[str]) -> dict:
+def run_case(name: str, seeds: list[int], work: Path, extra: list[str],
+             node_widths=NODE_WIDTHS, learning_rates=LEARNING_RATES) -> dict:
     case = CASES[name]
     cfg = load_config(case.config, extra)
     cut = float(cfg.evaluation.condition_until)
@@ -236,13 +237,13 @@ def run_case(name: str, seeds: list[int], work: Path, extra: list[str]) -> dict:
         mech_dir = run_variant(case.config, wd / "mechanistic", [*base, "model.learned=[]"])
         print(f"== {name} seed {seed}: hybrid (learning-rate search)", flush=True)
         h_name, h_dir, h_val = search(case.config, wd / "hybrid", base, {
-            f"lr{lr:g}": [f"training.learning_rate={lr}"] for lr in LEARNING_RATES},
+            f"lr{lr:g}": [f"training.learning_rate={lr}"] for lr in learning_rates},
             case.observable)
         print(f"== {name} seed {seed}: neural ODE (width and learning-rate search)",
               flush=True)
         n_name, n_dir, n_val = search(case.config, wd / "neural_ode", base, {
             f"w{w}_lr{lr:g}": [node_learned(case.config, w), f"training.learning_rate={lr}"]
-            for w in NODE_WIDTHS for lr in LEARNING_RATES}, case.observable)
+            for w in node_widths for lr in learning_rates}, case.observable)
         plot_learned_terms(h_dir, wd / "hybrid_learned_terms.png")
         rec = {
             "seed": seed,
@@ -266,7 +267,8 @@ def run_case(name: str, seeds: list[int], work: Path, extra: list[str]) -> dict:
     return {
         "case": name, "description": case.description, "config": case.config,
         "overrides": extra, "condition_until": cut, "observable": case.observable,
-        "seeds": seeds, "test_rmse_truth": summary,
+        "seeds": seeds, "node_widths": list(node_widths),
+        "learning_rates": list(learning_rates), "test_rmse_truth": summary,
         "hybrid_vs_mechanistic": ratios("hybrid", "mechanistic"),
         "hybrid_vs_neural_ode": ratios("hybrid", "neural_ode"),
         "neural_ode_vs_constant": ratios("neural_ode", "constant"),
@@ -280,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run (e.g. data.virtual.n=40)")
+    ap.add_argument("--node-widths", type=int, nargs="+", default=list(NODE_WIDTHS),
+                    help="neural ODE widths searched")
+    ap.add_argument("--learning-rates", type=float, nargs="+", default=list(LEARNING_RATES),
+                    help="learning rates searched (hybrid and neural ODE)")
     ap.add_argument("--workdir", default="runs/hybrid_value_structural")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args(argv)
@@ -287,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.case:
         if (work / name).exists():
             shutil.rmtree(work / name)
-        record = run_case(name, args.seeds, work, args.set)
+        record = run_case(name, args.seeds, work, args.set, args.node_widths,
+                          args.learning_rates)
         emit({"benchmark": "hybrid_value_structural", **device_info(), **record}, args.out)
 
 
