@@ -94,3 +94,55 @@ def test_kernel_ir_figures(capsys):
     assert by["gauss_newton_tsit5_rolled"]["float_ops"] < 0.5 * by["gauss_newton_tsit5"][
         "float_ops"]
     assert by["gauss_newton_tsit5_rolled"]["loads"] == by["gauss_newton_tsit5"]["loads"]
+
+
+def test_structural_benchmark_scores_against_the_noise_free_truth(tmp_path):
+    """benchmarks.hybrid_value_structural's scoring: the truth table is the virtual cohort's
+    noise-free prediction at every observation; the constant forecast is each test
+    patient's mean observation up to the cut, scored after it (checked here by hand); a
+    run's forecast RMSE reads predictions.csv after the cut; the t-interval over seeds."""
+    import csv
+
+    import numpy as np
+
+    from benchmarks import hybrid_value_structural as hv
+    from hybrid_twin.config import load_config, solver_options
+    from hybrid_twin.data.load import load_cohort
+    from hybrid_twin.models import get_model
+
+    case = hv.CASES["pk_enterohepatic"]
+    over = ["data.virtual.n=8", "split.seed=3"]
+    truth = hv.truth_table(case.config, over)
+    cfg = load_config(case.config, over)
+    cohort, vc, _ = load_cohort(cfg.data, get_model(cfg.model.name),
+                                options=solver_options(cfg),
+                                truth=get_model(cfg.data.virtual.model))
+    assert len(truth) == cohort.obs_mask.sum() == vc.true_predictions.size
+    t = np.asarray(cohort.obs_times)
+    assert truth["v3", round(float(t[3, 5]), 6), "concentration"] == vc.true_predictions[3, 5]
+    part = cohort.split({"train": 0.5, "val": 0.25, "test": 0.25}, seed=3)["test"]
+    rows = [cohort.ids.index(i) for i in part.ids]
+    y, tt = np.asarray(cohort.obs_values)[rows], t[rows]
+    level = np.array([y[k, tt[k] <= 24.0].mean() for k in range(len(rows))])
+    late = tt > 24.0
+    err = (level[:, None] - vc.true_predictions[rows])[late]
+    got = hv.constant_scores(case.config, over, truth, "concentration", 24.0, "test")
+    assert got["n"] == late.sum()
+    np.testing.assert_allclose(got["rmse_truth"], np.sqrt(np.mean(err ** 2)), rtol=1e-6)
+    # a run's predictions: the truth itself scores 0 against the truth
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ID", "TIME", "OBS", "DV", "PRED", "SPLIT"])
+        for k, r in enumerate(rows):
+            for j in np.flatnonzero(late[k]):
+                w.writerow([cohort.ids[r], repr(float(tt[k, j])), "concentration",
+                            repr(float(y[k, j])), repr(float(vc.true_predictions[r, j])),
+                            "test"])
+    s = hv.forecast_scores(run, truth, "concentration", 24.0, "test")
+    assert s["rmse_truth"] == 0.0 and s["n"] == late.sum()
+    np.testing.assert_allclose(s["rmse_data"], np.sqrt(np.mean(
+        (y[late] - vc.true_predictions[rows][late]) ** 2)), rtol=1e-6)
+    ci = hv.interval([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and abs(ci["ci95"] - 4.302653 * 1.0 / np.sqrt(3)) < 1e-5
