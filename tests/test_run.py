@@ -259,3 +259,30 @@ def test_t1d_hybrid_defaults_train_to_a_validation_plateau(tmp_path):
     mult = 1.0 + np.asarray(model.closures[0].net(x))[:, 0]
     assert mult.max() - mult.min() > 0.05, mult
     assert 240.0 <= t[np.argmax(mult)] <= 720.0, t[np.argmax(mult)]
+
+
+def test_population_stage_fits_an_untrained_hybrid_switched_off():
+    """An untrained hybrid whose terms add exactly nothing is fitted switched off (the
+    same estimates, no network evaluated); a trained one, a "replace" closure (which
+    removes the term) and a neural ODE are fitted as they are."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_twin.hybrid import HybridModel, neural_ode, state_correction, term_closure
+    from training.run import _untrained_equivalent
+
+    mech = BergmanMinimal()
+    corr = state_correction(mech, ("G",), ("G", "meal_on_board"), key=jax.random.PRNGKey(0))
+    hyb = HybridModel(mech, (corr,))
+    assert _untrained_equivalent(hyb) == hyb.switched_off()
+    assert _untrained_equivalent(mech) is mech
+    last = corr.net.mlp.layers[-1]
+    trained = eqx.tree_at(lambda m: m.corrections[0].net.mlp.layers[-1].bias, hyb,
+                          last.bias + jnp.ones_like(last.bias))
+    assert _untrained_equivalent(trained) is trained
+    rep = HybridModel(mech, (), (term_closure(mech, "insulin_action", ("I",),
+                                              key=jax.random.PRNGKey(1)),))
+    assert _untrained_equivalent(rep) is rep
+    node = neural_ode(mech, key=jax.random.PRNGKey(2))
+    assert _untrained_equivalent(node) is node
