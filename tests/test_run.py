@@ -26,6 +26,12 @@ SMALL = {
                          "calibration.max_iter=10"],
     "configs/pk_enterohepatic_hybrid.yaml": ["data.virtual.n=12", "population.max_rounds=2",
                                              "calibration.max_iter=10", "training.epochs=2"],
+    "configs/t1d_bergman_hybrid.yaml": ["data.virtual.n=12", "data.virtual.repeat_count=2",
+                                        "data.virtual.horizon=2880",
+                                        "data.virtual.obs_every=60",
+                                        "evaluation.condition_until=1440",
+                                        "population.max_rounds=1", "calibration.max_iter=10",
+                                        "training.epochs=2"],
 }
 KERNEL_RUN = "configs/glucose_hybrid.yaml"
 
