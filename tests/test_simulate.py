@@ -12,6 +12,8 @@ from hybrid_twin.models import BergmanMinimal, OneCompartment, TwoCompartment
 from hybrid_twin.models.base import DoseTarget, MechanisticModel, Observable, Parameter, State
 from hybrid_twin.population import sample_params
 
+from gradcheck import central_fd, check_gradients
+
 
 def random_schedules(model, n, rng):
     scheds, times, masks = [], [], []
@@ -59,27 +61,6 @@ def test_shared_schedule_broadcasts():
     assert sol.ys.shape == (5, 9, 2)
     np.testing.assert_allclose(sol.ys[2], simulate(model, params[2], sched, ts).ys,
                                rtol=1e-12, atol=1e-12)
-
-
-def central_fd(f, theta, rel=1e-6):
-    cols = []
-    for i in range(theta.shape[0]):
-        h = rel * abs(theta[i])
-        up, dn = theta.copy(), theta.copy()
-        up[i] += h
-        dn[i] -= h
-        cols.append((np.asarray(f(jnp.asarray(up))) - np.asarray(f(jnp.asarray(dn)))) / (2 * h))
-    return np.stack(cols, axis=-1)
-
-
-def check_gradients(jac, fd, theta, tol):
-    """Compare sensitivities scaled to d y / d log(theta): relative where they are large,
-    and against 1e-4 of that observable's largest scaled sensitivity where they are
-    (near) zero, so finite-difference noise on exact zeros does not count."""
-    jn, fn = jac * theta, fd * theta
-    y_scale = np.max(np.abs(fn), axis=(0, 2), keepdims=True)
-    err = np.abs(jn - fn) / np.maximum(np.abs(fn), 1e-4 * y_scale)
-    assert np.max(err) < tol, (np.max(err), np.unravel_index(np.argmax(err), err.shape))
 
 
 @pytest.mark.parametrize("adjoint", ["reverse", "forward"])

@@ -12,6 +12,8 @@ from hybrid_twin import Schedule, SolverOptions, StepSizeController, simulate
 from hybrid_twin.data.virtual import DoseSpec, NoiseModel, ScheduleSpec, virtual_cohort
 from hybrid_twin.models import EnterohepaticMM, OneCompartmentMM, get_model
 
+from gradcheck import central_fd, check_gradients
+
 BACKENDS = pytest.mark.parametrize("backend", ["diffrax", "ensemble"])
 
 # three oral doses (the first with breakfast at 7 h) and an IV infusion, over two days
@@ -63,29 +65,6 @@ def reference(theta, ts, oral=ORAL, infusion=INFUSION, meals=(7.0, 12.0, 19.0), 
 def dosed_so_far(ts, oral=ORAL, infusion=INFUSION):
     total = sum(np.where(ts > t, amt, 0.0) for t, amt in oral)
     return total + sum(r * np.clip(ts - t, 0.0, amt / r) for t, amt, r in infusion)
-
-
-def central_fd(f, theta, rel=1e-6):
-    """Central finite differences of f at theta, one column per parameter (as in
-    tests/test_simulate.py)."""
-    cols = []
-    for i in range(theta.shape[0]):
-        h = rel * abs(theta[i])
-        up, dn = theta.copy(), theta.copy()
-        up[i] += h
-        dn[i] -= h
-        cols.append((np.asarray(f(jnp.asarray(up))) - np.asarray(f(jnp.asarray(dn)))) / (2 * h))
-    return np.stack(cols, axis=-1)
-
-
-def check_gradients(jac, fd, theta, tol):
-    """Sensitivities scaled to d y / d log(theta), relative where they are large and
-    against 1e-4 of the largest where they are (near) zero (as in tests/test_simulate.py)."""
-    jn, fn = jac * theta, fd * theta
-    y_scale = np.max(np.abs(fn), axis=(0, 2), keepdims=True)
-    err = np.abs(jn - fn) / np.maximum(np.abs(fn), 1e-4 * y_scale)
-    assert np.max(err) < tol, (np.max(err), np.unravel_index(np.argmax(err), err.shape))
-    return np.max(err)
 
 
 def rel_err(a, b, floor):
