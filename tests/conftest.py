@@ -34,6 +34,21 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+RELEASE_AFTER_EACH_TEST = ("test_run.py",)
+"""Files whose tests each compile a whole run's programs (little shared between tests):
+their programs are dropped after every test, not only after the file (one worker died at
+the mapping limit inside tests/test_run.py, after seven end-to-end runs)."""
+
+
+@pytest.fixture(autouse=True)
+def _release_after_heavy_tests(request):
+    """`_release_compiled_programs` after each test of `RELEASE_AFTER_EACH_TEST`."""
+    yield
+    if request.node.path.name in RELEASE_AFTER_EACH_TEST:
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test file. Every XLA:CPU executable keeps
