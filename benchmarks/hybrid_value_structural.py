@@ -78,8 +78,9 @@ def run_variant(config: str, out: Path, overrides: list[str]) -> Path:
     return Path(run_experiment(cfg, out))
 
 
-def truth_table(config: str, overrides: list[str]) -> dict[tuple[str, float, str], float]:
-    """The noise-free truth of the case's virtual cohort, keyed by (ID, TIME, OBS)."""
+def case_cohort(config: str, overrides: list[str]):
+    """(config, cohort, VirtualCohort) of a case: the virtual cohort simulated by its truth
+    and expressed in the fitted model's observables, as a run builds it."""
     from hybrid_twin.config import solver_options
     from hybrid_twin.data.load import load_cohort
     from hybrid_twin.models import get_model
@@ -88,6 +89,11 @@ def truth_table(config: str, overrides: list[str]) -> dict[tuple[str, float, str
     model = get_model(cfg.model.name)
     truth = get_model(cfg.data.virtual.model) if cfg.data.virtual.model else model
     cohort, vc, _ = load_cohort(cfg.data, model, options=solver_options(cfg), truth=truth)
+    return cfg, cohort, vc
+
+
+def truth_table(cohort, vc) -> dict[tuple[str, float, str], float]:
+    """The noise-free truth of a case's virtual cohort, keyed by (ID, TIME, OBS)."""
     t = np.asarray(cohort.obs_times)
     k = np.asarray(cohort.obs_index)
     mask = np.asarray(cohort.obs_mask)
@@ -116,17 +122,10 @@ def forecast_scores(run_dir: Path, truth: dict, observable: str, cut: float,
             "rmse_data": float(np.sqrt(np.mean(np.square(err_d)))), "n": len(err_t)}
 
 
-def constant_scores(config: str, overrides: list[str], truth: dict, observable: str,
-                    cut: float, split: str) -> dict[str, float]:
-    """The constant forecast: each patient's mean observation up to `cut`, held."""
-    from hybrid_twin.config import solver_options
-    from hybrid_twin.data.load import load_cohort
-    from hybrid_twin.models import get_model
-
-    cfg = load_config(config, overrides)
-    model = get_model(cfg.model.name)
-    truth_model = get_model(cfg.data.virtual.model) if cfg.data.virtual.model else model
-    cohort, _, _ = load_cohort(cfg.data, model, options=solver_options(cfg), truth=truth_model)
+def constant_scores(cfg, cohort, truth: dict, observable: str, cut: float,
+                    split: str) -> dict[str, float]:
+    """The constant forecast: each patient of `split` (of `cohort`, split as `cfg` says)
+    holds its mean observation up to `cut`."""
     parts = cohort.split({"train": cfg.split.train, "val": cfg.split.val,
                           "test": cfg.split.test}, seed=cfg.split.seed)
     c = parts[split]
@@ -231,7 +230,8 @@ def run_case(name: str, seeds: list[int], work: Path, extra: list[str],
     for seed in seeds:
         base = [*extra, f"seed={seed}", f"data.virtual.seed={seed}", f"split.seed={seed}"]
         wd = work / name / f"seed{seed}"
-        truth = truth_table(case.config, base)
+        cfg_s, cohort, vc = case_cohort(case.config, base)
+        truth = truth_table(cohort, vc)
         t0 = time.perf_counter()
         print(f"== {name} seed {seed}: mechanistic", flush=True)
         mech_dir = run_variant(case.config, wd / "mechanistic", [*base, "model.learned=[]"])
@@ -252,8 +252,7 @@ def run_case(name: str, seeds: list[int], work: Path, extra: list[str],
                        "chosen": h_name, "val_rmse": h_val},
             "neural_ode": {**forecast_scores(n_dir, truth, case.observable, cut, "test"),
                            "chosen": n_name, "val_rmse": n_val},
-            "constant": constant_scores(case.config, base, truth, case.observable, cut,
-                                        "test"),
+            "constant": constant_scores(cfg_s, cohort, truth, case.observable, cut, "test"),
             "wall_s": round(time.perf_counter() - t0, 1),
         }
         print(json.dumps(rec), flush=True)

@@ -556,12 +556,11 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
     th = np.asarray(theta, float)
     p = {k: th[:, i][:, None] for i, k in enumerate(mech.param_names)}
     u = _inputs_at(mech, cohort.schedule, ts)
-    dy = [np.asarray(d) for d in mech.vector_field(jnp.asarray(ts), tuple(map(jnp.asarray, y)),
-                                                   {k: jnp.asarray(v) for k, v in p.items()},
-                                                   {k: jnp.asarray(v) for k, v in u.items()})]
-    flux = {k: np.asarray(v) for k, v in mech.fluxes(
-        jnp.asarray(ts), tuple(map(jnp.asarray, y)), {k: jnp.asarray(v) for k, v in p.items()},
-        {k: jnp.asarray(v) for k, v in u.items()}).items()}
+    args = (tuple(map(jnp.asarray, y)), {k: jnp.asarray(v) for k, v in p.items()},
+            {k: jnp.asarray(v) for k, v in u.items()})
+    flux_j = mech.fluxes(jnp.asarray(ts), *args)
+    dy = [np.asarray(d) for d in mech.derivatives(*args, flux_j)]
+    flux = {k: np.asarray(v) for k, v in flux_j.items()}
 
     def rescale(net: ScaledMLP, cols, out):
         shift, scale = np.array(net.in_shift, float), np.array(net.in_scale, float)

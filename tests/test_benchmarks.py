@@ -112,7 +112,8 @@ def test_structural_benchmark_scores_against_the_noise_free_truth(tmp_path):
 
     case = hv.CASES["pk_enterohepatic"]
     over = ["data.virtual.n=8", "split.seed=3"]
-    truth = hv.truth_table(case.config, over)
+    cfg_h, cohort_h, vc_h = hv.case_cohort(case.config, over)
+    truth = hv.truth_table(cohort_h, vc_h)
     cfg = load_config(case.config, over)
     cohort, vc, _ = load_cohort(cfg.data, get_model(cfg.model.name),
                                 options=solver_options(cfg),
@@ -126,7 +127,7 @@ def test_structural_benchmark_scores_against_the_noise_free_truth(tmp_path):
     level = np.array([y[k, tt[k] <= 24.0].mean() for k in range(len(rows))])
     late = tt > 24.0
     err = (level[:, None] - vc.true_predictions[rows])[late]
-    got = hv.constant_scores(case.config, over, truth, "concentration", 24.0, "test")
+    got = hv.constant_scores(cfg_h, cohort_h, truth, "concentration", 24.0, "test")
     assert got["n"] == late.sum()
     np.testing.assert_allclose(got["rmse_truth"], np.sqrt(np.mean(err ** 2)), rtol=1e-6)
     # a run's predictions: the truth itself scores 0 against the truth
