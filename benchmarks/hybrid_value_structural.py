@@ -12,8 +12,10 @@ a forecast of the rest. Variants:
 - `hybrid`: the config's learned terms, with the training defaults (validation plateau);
 - `neural_ode`: no mechanism; dy/dt of every state from the states, the inputs, the
   patient's free parameters (a per-patient latent code, calibrated like the mechanism's)
-  and the time of day, with the same training settings; a small built-in search over
-  width and learning rate picks the candidate with the best validation forecast;
+  and the time of day, with the same training settings; the doses reach it through the
+  mechanism's absorption states (`input_states`: carbohydrate and insulin on board, as
+  a glucose forecaster is given them; the oral depot in PK); a small built-in search over width and
+  learning rate picks the candidate with the best validation forecast;
 - `constant`: each patient's mean observation up to the cut, held.
 
 The hybrid gets the same learning-rate search. Scores: forecast RMSE on the test patients
@@ -45,26 +47,33 @@ from hybrid_twin.config import load_config
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A benchmark cohort: its config and the observable scored."""
+    """A benchmark cohort: its config, the observable scored, and the neural ODE's input
+    states (moved by the mechanism: the absorption of doses)."""
 
     config: str
     observable: str
     description: str
+    node_input_states: str = "doses"
+    node_states: str = ""
+    """The states the neural ODE drives (a YAML list; empty: every non-input state)."""
+    node_latent: int = 0
+    """Latent states of the neural ODE (driven by it, and features)."""
 
 
 CASES = {
     "pk_enterohepatic": Case(
         "configs/pk_enterohepatic_hybrid.yaml", "concentration",
         "pkpd.EnterohepaticMM truth (Michaelis-Menten elimination, gallbladder "
-        "recirculation at meals) fitted by pkpd.OneCompartment + learned terms"),
+        "recirculation at meals) fitted by pkpd.OneCompartment + learned terms",
+        "[depot]"),
     "t1d_bergman": Case(
         "configs/t1d_bergman_hybrid.yaml", "glucose",
         "glucose.HovorkaT1D truth (CGM, basal infusion, meals and boluses) fitted by "
-        "glucose.BergmanMinimal + learned terms"),
+        "glucose.BergmanMinimal + learned terms", node_states="[G]", node_latent=2),
     "t1d_hovorka_dawn": Case(
         "configs/t1d_hybrid.yaml", "glucose",
         "glucose.HovorkaT1DDawn truth (dawn phenomenon) fitted by glucose.HovorkaT1D + "
-        "learned terms"),
+        "learned terms", node_states="[C]", node_latent=2),
 }
 NODE_WIDTHS = (32, 64)
 LEARNING_RATES = (3e-3, 1e-2)
@@ -150,16 +159,29 @@ def val_rmse(run_dir: Path, observable: str) -> float:
     return float(m["val"]["rmse"][observable])
 
 
-def node_learned(config: str, width: int) -> str:
-    """The neural ODE of a case: states, inputs, free parameters and time of day."""
+def node_learned(case: Case, width: int) -> list[str]:
+    """The neural ODE of a case (config overrides): from the states it drives, the
+    absorption states, the inputs, free parameters and time of day."""
+    from hybrid_twin.hybrid import dose_input_states, latent_names
     from hybrid_twin.models import get_model
 
-    cfg = load_config(config)
+    cfg = load_config(case.config)
     model = get_model(cfg.model.name)
     free = cfg.model.free or [q.name for q in model.parameters if q.omega > 0]
-    feats = [*model.state_names, *model.input_names, *free, "sin_day", "cos_day"]
-    return (f"model.learned=[{{kind: neural_ode, features: [{', '.join(feats)}], "
-            f"width: {width}, depth: 2}}]")
+    driven = [s.strip() for s in case.node_states.strip("[]").split(",") if s.strip()]
+    latent = list(latent_names(case.node_latent))
+    if driven:
+        inputs = (list(dose_input_states(model)) if case.node_input_states == "doses"
+                  else [s.strip() for s in case.node_input_states.strip("[]").split(",")])
+        states = [*driven, *latent, *(s for s in inputs if s not in driven)]
+    else:
+        states = [*model.state_names, *latent]
+    feats = [*states, *model.input_names, *free, "sin_day", "cos_day"]
+    spec = (f"kind: neural_ode, features: [{', '.join(feats)}], width: {width}, depth: 2, "
+            f"input_states: {case.node_input_states}")
+    if driven:
+        spec += f", states: [{', '.join([*driven, *latent])}]"
+    return [f"model.learned=[{{{spec}}}]", f"model.latent_states={case.node_latent}"]
 
 
 def search(config: str, work: Path, base: list[str], candidates: dict[str, list[str]],
@@ -242,7 +264,7 @@ def run_case(name: str, seeds: list[int], work: Path, extra: list[str],
         print(f"== {name} seed {seed}: neural ODE (width and learning-rate search)",
               flush=True)
         n_name, n_dir, n_val = search(case.config, wd / "neural_ode", base, {
-            f"w{w}_lr{lr:g}": [node_learned(case.config, w), f"training.learning_rate={lr}"]
+            f"w{w}_lr{lr:g}": [*node_learned(case, w), f"training.learning_rate={lr}"]
             for w in node_widths for lr in learning_rates}, case.observable)
         plot_learned_terms(h_dir, wd / "hybrid_learned_terms.png")
         rec = {

@@ -32,7 +32,7 @@ from .data.load import check_data_options
 from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
-from .hybrid import feature_names, latent_names
+from .hybrid import dose_input_states, feature_names, latent_names
 from .models import REGISTRY
 from .solve import (
     BACKEND_NAMES,
@@ -60,7 +60,11 @@ class LearnedConfig:
     `hybrid_twin.hybrid.TermClosure`), "covariate_network" (each patient's typical
     `params` moved by a network of its `covariates`: theta_i = theta_pop exp(h(cov_i)),
     trained with the population) or "neural_ode" (the pure neural ODE baseline: no
-    mechanism, dy/dt of every state from the features, by default states and inputs).
+    mechanism, dy/dt of its `states` (default every state) from the features, by
+    default states and inputs;
+    its `input_states` keep the mechanism's dy/dt: a list of states, or "doses" for the
+    states that hold doses until they act, so the network sees carbohydrate and insulin
+    on board as the mechanism's absorption delivers them).
     Features without a `feature_scales` entry, and an `out_scale` of "auto" (the default),
     are scaled from the training data when training starts (`hybrid_twin.hybrid.autoscale`)."""
 
@@ -76,6 +80,7 @@ class LearnedConfig:
     depth: int = 2
     out_scale: float | list[float] | str = "auto"
     day_length: float | None = None
+    input_states: list[str] | str = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -473,6 +478,29 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
                               "cannot be combined with other learned terms")
         if lt.mode not in ("replace", "scale", "add"):
             raise ConfigError(f"{where}.mode: {lt.mode!r} is not one of replace, scale, add")
+        if lt.input_states and lt.kind != "neural_ode":
+            raise ConfigError(f"{where}.input_states: only a neural_ode has input states "
+                              f"(kind here: {lt.kind})")
+        if isinstance(lt.input_states, str):
+            if lt.input_states != "doses":
+                raise ConfigError(f"{where}.input_states: expected a list of states or "
+                                  f"'doses', got {lt.input_states!r}")
+            if set(dose_input_states(model)) >= set(model.state_names):
+                raise ConfigError(f"{where}.input_states: 'doses' is every state of "
+                                  f"{cfg.model.name} ({', '.join(model.state_names)}); "
+                                  "list the absorption states instead")
+        else:
+            for j, st in enumerate(lt.input_states):
+                if st not in model.state_names:
+                    raise ConfigError(f"{where}.input_states[{j}]: {st!r} is not a state of "
+                                      f"{cfg.model.name} ({', '.join(model.state_names)})")
+        if lt.kind == "neural_ode" and lt.input_states and lt.states:
+            inputs = (dose_input_states(model) if lt.input_states == "doses"
+                      else lt.input_states)
+            both = [st for st in lt.states if st in inputs]
+            if both:
+                raise ConfigError(f"{where}.states: {', '.join(both)} are input states "
+                                  "(moved by the mechanism), not driven by the network")
         states = (*model.state_names, *latent_names(cfg.model.latent_states))
         for j, st in enumerate(lt.states):
             if st not in states:

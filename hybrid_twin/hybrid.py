@@ -257,6 +257,10 @@ class HybridModel(MechanisticModel):
     e.g. a hidden reservoir the mechanism lacks): they start at 0, move only by the
     corrections that target them, and are features like any state. They come after the
     mechanism's states; observables and doses do not see them.
+
+    `input_states`, with the mechanism off (`use_mechanism=False`, a neural ODE), are the
+    states whose dy/dt stays the mechanism's: the absorption chains that turn doses into
+    the inputs the network sees (carbohydrate and insulin on board), not physiology.
     """
 
     mechanistic: MechanisticModel
@@ -267,6 +271,7 @@ class HybridModel(MechanisticModel):
     use_mechanism: bool = eqx.field(static=True, default=True)
     day_length: float = eqx.field(static=True, default=24.0)
     latent: tuple[str, ...] = eqx.field(static=True, default=())
+    input_states: tuple[str, ...] = eqx.field(static=True, default=())
 
     def __check_init__(self):
         clash = set(self.latent) & set(self.mechanistic.state_names)
@@ -274,6 +279,11 @@ class HybridModel(MechanisticModel):
             raise KeyError(f"latent state names {sorted(clash)} are states of "
                            f"{type(self.mechanistic).__name__}")
         names = set(self.state_names)
+        bad = set(self.input_states) - set(self.mechanistic.state_names)
+        if bad:
+            raise KeyError(f"input_states {sorted(bad)} are not states of "
+                           f"{type(self.mechanistic).__name__}; states: "
+                           f"{', '.join(self.mechanistic.state_names)}")
         for c in self.corrections:
             bad = set(c.states) - names
             if bad:
@@ -335,6 +345,11 @@ class HybridModel(MechanisticModel):
             dy = list(self.derivatives(y, p, u, self.fluxes(t, y, p, u)))
         else:
             dy = [0.0 * yi for yi in y]
+            if self.input_states:
+                mech = self.derivatives(y, p, u, self.fluxes(t, y, p, u))
+                for s in self.input_states:
+                    i = self.mechanistic.index("state", s)
+                    dy[i] = mech[i]
         if self.learned:
             names = self.state_names
             for c in self.corrections:
@@ -465,18 +480,46 @@ def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, dept
                features: Sequence[str] | None = None,
                feature_scales: Mapping[str, tuple[float, float]] | None = None,
                out_scale: float | Sequence[float] | str = "auto", day_length: float = 24.0,
-               latent: int = 0) -> HybridModel:
+               latent: int = 0, input_states: Sequence[str] = (),
+               states: Sequence[str] | None = None) -> HybridModel:
     """The pure neural ODE baseline: dy/dt = g_phi(states, inputs) on `model`'s states
     and `latent` extra ones ("z1", ...; a latent neural ODE), with the same doses, inputs,
-    initial state and observables, and no mechanism. Unscaled features and an "auto"
-    `out_scale` are set from the training data by `autoscale`."""
+    initial state and observables, and no mechanism. `input_states` (e.g. the states of
+    `dose_input_states(model)`) keep the mechanism's dy/dt: the network then sees doses as
+    the mechanism's absorption delivers them. The network drives `states` (default: every
+    state but the input states, and the latent ones); any other state keeps its initial
+    value (e.g. an observed-state neural ODE: the observed state, latent states and the
+    absorption). Unscaled features and an "auto" `out_scale` are set from the training
+    data by `autoscale`."""
     names = latent_names(latent)
+    input_states = tuple(input_states)
     features = tuple(features or (*model.state_names, *names, *model.input_names))
-    corr = state_correction(model, (*model.state_names, *names), features, key=key,
+    if states is not None:
+        driven = tuple(states)
+        clash = set(driven) & set(input_states)
+        if clash:
+            raise ValueError(f"neural_ode: {sorted(clash)} are both driven by the network "
+                             "and input states")
+    else:
+        driven = tuple(s for s in (*model.state_names, *names) if s not in input_states)
+    if not driven:
+        raise ValueError("neural_ode: every state is an input state; nothing is learned")
+    corr = state_correction(model, driven, features, key=key,
                             width=width, depth=depth, feature_scales=feature_scales,
                             out_scale=out_scale)
     return HybridModel(model, (corr,), (), use_mechanism=False, day_length=day_length,
-                       latent=names)
+                       latent=names, input_states=input_states)
+
+
+def dose_input_states(model: MechanisticModel) -> tuple[str, ...]:
+    """The states that hold doses until they act (each dose target's `on_board` states,
+    or its state): a neural ODE's input states."""
+    out: list[str] = []
+    for d in model.dose_targets:
+        for s in (d.on_board or (d.state,)):
+            if s not in out:
+                out.append(s)
+    return tuple(out)
 
 
 def latent_names(k: int) -> tuple[str, ...]:

@@ -73,6 +73,21 @@ def test_learned_terms_and_truth_model_are_checked():
         load_config("configs/glucose_hybrid.yaml", ["model.learned.0.term=insulin_actoin_gain"])
     with pytest.raises(ConfigError, match=r"model.learned\[0\].mode: 'times' is not one of"):
         load_config("configs/glucose_hybrid.yaml", ["model.learned.0.mode=times"])
+    with pytest.raises(ConfigError, match=r"model.learned\[0\].input_states: only a "
+                                          r"neural_ode has input states"):
+        load_config("configs/glucose_hybrid.yaml", ["model.learned.0.input_states=doses"])
+    node = "model.learned=[{kind: neural_ode, input_states: %s}]"
+    cfg = load_config("configs/t1d.yaml", [node % "doses"])
+    assert cfg.model.learned[0].input_states == "doses"
+    with pytest.raises(ConfigError, match=r"input_states\[1\]: 'gut' is not a state of "
+                                          r"glucose.HovorkaT1D"):
+        load_config("configs/t1d.yaml", [node % "[D1, gut]"])
+    with pytest.raises(ConfigError, match=r"input_states: expected a list of states or "
+                                          r"'doses', got 'meals'"):
+        load_config("configs/t1d.yaml", [node % "meals"])
+    with pytest.raises(ConfigError, match=r"input_states: 'doses' is every state of "
+                                          r"pkpd.OneCompartment"):
+        load_config("configs/theophylline.yaml", [node % "doses"])
     with pytest.raises(ConfigError, match=r"data.virtual.model: pkpd.OneCompartment cannot "
                                           r"generate data for glucose.BergmanMinimal"):
         load_config("configs/glucose_hybrid.yaml", ["data.virtual.model=pkpd.OneCompartment"])

@@ -169,6 +169,43 @@ def test_neural_ode_baseline_has_no_mechanism():
     assert node.observable_names == mech.observable_names
 
 
+def test_neural_ode_input_states_absorb_doses_as_the_mechanism_does():
+    """With `input_states` (the dose-holding states), the depot empties exactly as in the
+    mechanism (analytic: 300 exp(-ka t)) while the network drives the central compartment:
+    zero-initialised it stays at 0, with random weights it follows g(depot, central)
+    integrated independently (trapezoid on a fine grid)."""
+    from hybrid_twin.hybrid import dose_input_states
+
+    mech = OneCompartment()
+    assert dose_input_states(mech) == ("depot", "central")
+    node = neural_ode(mech, key=jax.random.PRNGKey(0), input_states=("depot",),
+                      feature_scales={"depot": (0.0, 100.0), "central": (0.0, 10.0)},
+                      out_scale=5.0, width=4, depth=1)
+    assert node.corrections[0].states == ("central",)
+    theta = mech.typical_params()
+    ka = float(mech.param_dict(theta)["ka"])
+    sched = Schedule.build(mech, [(0.0, 300.0, "depot")])
+    ts = jnp.linspace(0.0, 24.0, 7)
+    ys = np.asarray(simulate(node, theta, sched, ts, options=OPTS).ys)
+    # (the output at t = 0 is taken before the dose)
+    np.testing.assert_allclose(ys[1:, 0], 300.0 * np.exp(-ka * np.asarray(ts[1:])),
+                               rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ys[:, 1], 0.0)
+    rnd = randomize(node, jax.random.PRNGKey(4))
+    fine = jnp.linspace(0.0, 24.0, 4801)
+    yf = np.asarray(simulate(rnd, theta, sched, fine, options=OPTS).ys)
+    np.testing.assert_allclose(yf[1:, 0], 300.0 * np.exp(-ka * np.asarray(fine[1:])),
+                               rtol=1e-7, atol=1e-9)
+    x = yf[:, :2].copy()
+    x[0, 0] = 300.0  # the state just after the dose
+    g = np.asarray(rnd.corrections[0].net(jnp.asarray(x)))[:, 0]
+    c = np.concatenate([[0.0], np.cumsum(0.5 * (g[1:] + g[:-1]) * np.diff(np.asarray(fine)))])
+    assert np.max(np.abs(c)) > 1.0
+    np.testing.assert_allclose(yf[::100, 1], c[::100], atol=1e-5 * np.max(np.abs(c)))
+    with pytest.raises(KeyError, match="input_states"):
+        neural_ode(mech, key=jax.random.PRNGKey(0), input_states=("gut",))
+
+
 def test_covariate_network_shifts_parameters():
     mech = OneCompartment()
     net = CovariateNetwork(ScaledMLP(1, 1, key=jax.random.PRNGKey(0),

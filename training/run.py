@@ -66,6 +66,7 @@ def build_model(cfg: ExperimentConfig, mechanistic):
     from hybrid_twin.hybrid import (
         HybridModel,
         covariate_network,
+        dose_input_states,
         latent_names,
         neural_ode,
         state_correction,
@@ -78,10 +79,13 @@ def build_model(cfg: ExperimentConfig, mechanistic):
     for key, lt in zip(keys, cfg.model.learned):
         scales = {k: tuple(v) for k, v in lt.feature_scales.items()}
         if lt.kind == "neural_ode":
+            inputs = (dose_input_states(mechanistic) if lt.input_states == "doses"
+                      else tuple(lt.input_states))
             return neural_ode(mechanistic, key=key, width=lt.width, depth=lt.depth,
                               features=lt.features or None, feature_scales=scales,
                               out_scale=lt.out_scale, day_length=day,
-                              latent=cfg.model.latent_states)
+                              latent=cfg.model.latent_states, input_states=inputs,
+                              states=lt.states or None)
         if lt.kind == "covariate_network":
             covariate_net = covariate_network(
                 mechanistic, lt.params, lt.covariates, key=key, width=lt.width,
