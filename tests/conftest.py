@@ -2,12 +2,25 @@
 
 import gc
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
-# tests that call the CLI's main() in this process do not write to the user's cache
-os.environ.setdefault("HYBRID_TWIN_COMPILE_CACHE", "off")
+# One persistent compilation cache for the whole session, never the user's: created by the
+# first process (the xdist controller, or pytest alone), inherited through the environment
+# by the workers, the CLI's main() called in-process and the suite's subprocesses, and
+# removed at the end. The suite's time is compile time, and its tests run the same
+# programs again and again (a whole quick-start run in five tests of test_run.py alone)
+# while JAX's in-memory caches are cleared between tests (see below): from the cache they
+# load in a fraction of the compile time. Entries are keyed by the program, the compile
+# options and the devices, so a hit is never a different program.
+SESSION_CACHE_ENV = "HYBRID_TWIN_TEST_XLA_CACHE"
+_OWN_CACHE = SESSION_CACHE_ENV not in os.environ
+if _OWN_CACHE:
+    os.environ[SESSION_CACHE_ENV] = tempfile.mkdtemp(prefix="hybrid_twin_test_xla_")
+os.environ["HYBRID_TWIN_COMPILE_CACHE"] = os.environ[SESSION_CACHE_ENV]
 # The suite's cohorts are tiny, so its time is XLA compile time: the CPU backend's LLVM
 # optimisation passes are switched off (a third less compile time; IEEE semantics are
 # kept, so results agree to rounding with optimised code). Set before JAX starts, and so
@@ -18,6 +31,15 @@ if os.environ.get("HYBRID_TWIN_TEST_OPTIMISED_XLA") != "1":
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_platforms", "cpu")
+
+from hybrid_twin.compile_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(os.environ[SESSION_CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ[SESSION_CACHE_ENV], ignore_errors=True)
 
 # `make test` hands out whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder): the longest files go first, so that no worker is left alone
