@@ -578,7 +578,8 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
     `auto_out`) set from a cohort: the mechanistic model is simulated for the cohort's
     patients with parameters `theta` `(N, P)` (natural units) at their observation times,
     and each feature is standardised by its mean and standard deviation over those
-    samples (latent states: 0 and 1). Output scales: the root mean square of the
+    samples (latent states: 0 and 1; a parameter that has one value for every patient:
+    its declared spread, |value| x omega). Output scales: the root mean square of the
     mechanism's dy/dt of each corrected state (state units per time unit; for a neural ODE
     too; for a latent state, 10 / the time span of the data), of the closed term
     ("replace", "add"), `SCALE_MODE_OUT` for a "scale" closure, and the largest
@@ -619,7 +620,19 @@ def autoscale(model: HybridModel, cohort, theta: Any, *, options=None) -> Hybrid
 
     def feature_cols(features):
         cols = _features(model, features, ts, y_all, p, u, model.day_length)
-        return lambda f: _moments(np.asarray(cols[f]), mask)
+
+        def col(f):
+            mean, sd = _moments(np.asarray(cols[f]), mask)
+            name = features[f]
+            if name in mech.param_names:
+                q = mech.parameter(name)
+                v = th[ok, mech.param_names.index(name)]
+                if q.omega > 0 and mean != 0 and not (v.size and v.std() > 1e-12 * abs(mean)):
+                    # the same value for every patient (e.g. a neural ODE's code before
+                    # training): the declared between-patient spread
+                    sd = abs(mean) * q.omega
+            return mean, sd
+        return col
 
     names = mech.state_names
 

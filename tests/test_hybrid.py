@@ -261,6 +261,13 @@ def test_autoscale_standardises_features_and_sizes_outputs_from_the_data():
     np.testing.assert_array_equal(
         np.asarray(simulate(scaled, theta, vc.cohort.schedule, vc.cohort.obs_times,
                             options=OPTS).ys), ys)
+    # every patient at the typical values: a parameter feature is scaled by its declared
+    # spread (typical x omega), not by max(|mean|, 1) (which would flatten p1 ~ 0.03)
+    typ = np.tile(mech.typical_params(), (6, 1))
+    flat = autoscale(hyb, vc.cohort, typ, options=OPTS).corrections[0].net
+    q = mech.parameter("p1")
+    assert float(flat.in_shift[3]) == pytest.approx(q.typical, rel=1e-12)
+    assert float(flat.in_scale[3]) == pytest.approx(q.typical * q.omega, rel=1e-12)
 
 
 def test_on_board_features_are_the_dose_targets_holding_states():
