@@ -14,8 +14,8 @@ a forecast of the rest. Variants:
   patient's free parameters (a per-patient latent code, calibrated like the mechanism's)
   and the time of day, with the same training settings; the doses reach it through the
   mechanism's absorption states (`input_states`: carbohydrate and insulin on board, as
-  a glucose forecaster is given them; the oral depot in PK); a small built-in search over width and
-  learning rate picks the candidate with the best validation forecast;
+  a glucose forecaster is given them; the oral depot in PK); a small built-in search
+  over width and learning rate picks the candidate with the best validation forecast;
 - `constant`: each patient's mean observation up to the cut, held.
 
 The hybrid gets the same learning-rate search. Scores: forecast RMSE on the test patients
@@ -53,9 +53,9 @@ class Case:
     config: str
     observable: str
     description: str
-    node_input_states: str = "doses"
-    node_states: str = ""
-    """The states the neural ODE drives (a YAML list; empty: every non-input state)."""
+    node_input_states: str | tuple[str, ...] = "doses"
+    node_states: tuple[str, ...] = ()
+    """The states the neural ODE drives (empty: every non-input state)."""
     node_latent: int = 0
     """Latent states of the neural ODE (driven by it, and features)."""
 
@@ -65,15 +65,15 @@ CASES = {
         "configs/pk_enterohepatic_hybrid.yaml", "concentration",
         "pkpd.EnterohepaticMM truth (Michaelis-Menten elimination, gallbladder "
         "recirculation at meals) fitted by pkpd.OneCompartment + learned terms",
-        "[depot]"),
+        ("depot",)),
     "t1d_bergman": Case(
         "configs/t1d_bergman_hybrid.yaml", "glucose",
         "glucose.HovorkaT1D truth (CGM, basal infusion, meals and boluses) fitted by "
-        "glucose.BergmanMinimal + learned terms", node_states="[G]", node_latent=2),
+        "glucose.BergmanMinimal + learned terms", node_states=("G",), node_latent=2),
     "t1d_hovorka_dawn": Case(
         "configs/t1d_hybrid.yaml", "glucose",
         "glucose.HovorkaT1DDawn truth (dawn phenomenon) fitted by glucose.HovorkaT1D + "
-        "learned terms", node_states="[C]", node_latent=2),
+        "learned terms", node_states=("C",), node_latent=2),
 }
 NODE_WIDTHS = (32, 64)
 LEARNING_RATES = (3e-3, 1e-2)
@@ -162,25 +162,21 @@ def val_rmse(run_dir: Path, observable: str) -> float:
 def node_learned(case: Case, width: int) -> list[str]:
     """The neural ODE of a case (config overrides): from the states it drives, the
     absorption states, the inputs, free parameters and time of day."""
-    from hybrid_twin.hybrid import dose_input_states, latent_names
+    from hybrid_twin.hybrid import input_states_of, latent_names
     from hybrid_twin.models import get_model
 
     cfg = load_config(case.config)
     model = get_model(cfg.model.name)
     free = cfg.model.free or [q.name for q in model.parameters if q.omega > 0]
-    driven = [s.strip() for s in case.node_states.strip("[]").split(",") if s.strip()]
-    latent = list(latent_names(case.node_latent))
-    if driven:
-        inputs = (list(dose_input_states(model)) if case.node_input_states == "doses"
-                  else [s.strip() for s in case.node_input_states.strip("[]").split(",")])
-        states = [*driven, *latent, *(s for s in inputs if s not in driven)]
-    else:
-        states = [*model.state_names, *latent]
+    driven = [*case.node_states, *latent_names(case.node_latent)] if case.node_states else []
+    inputs = input_states_of(model, case.node_input_states)
+    states = ([*driven, *(s for s in inputs if s not in driven)] if driven
+              else [*model.state_names, *latent_names(case.node_latent)])
     feats = [*states, *model.input_names, *free, "sin_day", "cos_day"]
     spec = (f"kind: neural_ode, features: [{', '.join(feats)}], width: {width}, depth: 2, "
-            f"input_states: {case.node_input_states}")
+            f"input_states: [{', '.join(inputs)}]")
     if driven:
-        spec += f", states: [{', '.join([*driven, *latent])}]"
+        spec += f", states: [{', '.join(driven)}]"
     return [f"model.learned=[{{{spec}}}]", f"model.latent_states={case.node_latent}"]
 
 

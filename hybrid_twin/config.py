@@ -32,7 +32,7 @@ from .data.load import check_data_options
 from .data.pseudonym import load_pseudonym_key
 from .data.virtual import NOISE, DoseSpec, NoiseModel
 from .errors import InputError
-from .hybrid import dose_input_states, feature_names, latent_names
+from .hybrid import dose_input_states, feature_names, input_states_of, latent_names
 from .models import REGISTRY
 from .solve import (
     BACKEND_NAMES,
@@ -495,8 +495,7 @@ def _validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
                     raise ConfigError(f"{where}.input_states[{j}]: {st!r} is not a state of "
                                       f"{cfg.model.name} ({', '.join(model.state_names)})")
         if lt.kind == "neural_ode" and lt.input_states and lt.states:
-            inputs = (dose_input_states(model) if lt.input_states == "doses"
-                      else lt.input_states)
+            inputs = input_states_of(model, lt.input_states)
             both = [st for st in lt.states if st in inputs]
             if both:
                 raise ConfigError(f"{where}.states: {', '.join(both)} are input states "

@@ -511,6 +511,12 @@ def neural_ode(model: MechanisticModel, *, key: jax.Array, width: int = 64, dept
                        latent=names, input_states=input_states)
 
 
+def input_states_of(model: MechanisticModel, spec: str | Sequence[str]) -> tuple[str, ...]:
+    """A neural ODE's input states from a config's `input_states`: "doses" for
+    `dose_input_states(model)`, else the listed states."""
+    return dose_input_states(model) if spec == "doses" else tuple(spec)
+
+
 def dose_input_states(model: MechanisticModel) -> tuple[str, ...]:
     """The states that hold doses until they act (each dose target's `on_board` states,
     or its state): a neural ODE's input states."""

@@ -66,7 +66,7 @@ def build_model(cfg: ExperimentConfig, mechanistic):
     from hybrid_twin.hybrid import (
         HybridModel,
         covariate_network,
-        dose_input_states,
+        input_states_of,
         latent_names,
         neural_ode,
         state_correction,
@@ -79,8 +79,7 @@ def build_model(cfg: ExperimentConfig, mechanistic):
     for key, lt in zip(keys, cfg.model.learned):
         scales = {k: tuple(v) for k, v in lt.feature_scales.items()}
         if lt.kind == "neural_ode":
-            inputs = (dose_input_states(mechanistic) if lt.input_states == "doses"
-                      else tuple(lt.input_states))
+            inputs = input_states_of(mechanistic, lt.input_states)
             return neural_ode(mechanistic, key=key, width=lt.width, depth=lt.depth,
                               features=lt.features or None, feature_scales=scales,
                               out_scale=lt.out_scale, day_length=day,
