@@ -67,8 +67,7 @@ def _release_after_heavy_tests(request):
     """`_release_compiled_programs` after each test of `RELEASE_AFTER_EACH_TEST`."""
     yield
     if request.node.path.name in RELEASE_AFTER_EACH_TEST:
-        jax.clear_caches()
-        gc.collect()
+        _release()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,5 +77,10 @@ def _release_compiled_programs():
     runs many files reaches the kernel's limit on mappings (vm.max_map_count, 65,530):
     LLVM then fails with "Cannot allocate memory" and the worker dies."""
     yield
+    _release()
+
+
+def _release() -> None:
+    """Drop JAX's compiled programs (and the executables they keep mapped)."""
     jax.clear_caches()
     gc.collect()
